@@ -1,0 +1,168 @@
+"""What removing a unit costs, and greedy removal searches built on it.
+
+- `removal_sensitivity`: for every attention and MLP unit, the Jensen-Shannon divergence between
+  the final next-token distributions of the full model and of the model without that unit.
+- `greedy_removal_order`: removes units one at a time, each time taking the candidate that is
+  cheapest *given the removals so far*: by final-logit divergence from the original model
+  (`finercut`, FinerCut) or by recomputed input/output cosine redundancy (`iterative`).
+Units are switched off with the layers' enable flags during the search and switched back after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from compressor.modeling import causal_mask
+from compressor.progress import progress
+
+UNIT_KINDS = ("attention", "mlp")
+
+
+def _unit_flag(kind: str) -> str:
+    return "attention_enabled" if kind == "attention" else "mlp_enabled"
+
+
+@contextlib.contextmanager
+def units_switched_off(model, units):
+    layers = model.model.layers
+    try:
+        for layer, kind in units:
+            setattr(layers[layer], _unit_flag(kind), False)
+        yield
+    finally:
+        for layer, kind in units:
+            setattr(layers[layer], _unit_flag(kind), True)
+
+
+def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """Mean Jensen-Shannon divergence (nats) between rows of two log-probability tensors."""
+    log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0))
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
+    return float((0.5 * (kl_pm + kl_qm)).mean())
+
+
+class _Scorer:
+    """Final next-token log-probabilities on a fixed batch, with layer-input caching so that a
+    candidate in layer l only reruns layers l..L-1."""
+
+    def __init__(self, model, windows: torch.Tensor, batch_size: int):
+        self.model = model
+        self.batches = list(windows.split(batch_size))
+        self.reference = [self._log_probs(b) for b in self.batches]
+        self.layer_inputs = None
+
+    @torch.no_grad()
+    def _log_probs(self, batch, inputs_embeds=None, start_layer=0):
+        hidden = self.model.model(batch, inputs_embeds=inputs_embeds, start_layer=start_layer)
+        return torch.log_softmax(self.model.lm_head(hidden).float(), dim=-1)
+
+    @torch.no_grad()
+    def cache_layer_inputs(self):
+        """Hidden states entering every layer under the current removals."""
+        self.layer_inputs = []
+        for batch in self.batches:
+            captured = []
+            hooks = [layer.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+                     for layer in self.model.model.layers]
+            try:
+                self.model.model(batch)
+            finally:
+                for h in hooks:
+                    h.remove()
+            self.layer_inputs.append(captured)
+
+    def divergence(self, start_layer: int = 0) -> float:
+        total = 0.0
+        for i, batch in enumerate(self.batches):
+            if start_layer and self.layer_inputs is not None:
+                log_q = self._log_probs(batch, self.layer_inputs[i][start_layer], start_layer)
+            else:
+                log_q = self._log_probs(batch)
+            total += js_divergence(self.reference[i], log_q)
+        return total / len(self.batches)
+
+
+def present_units(model) -> list[tuple[int, str]]:
+    units = []
+    for i, layer in enumerate(model.model.layers):
+        if layer.self_attn is not None:
+            units.append((i, "attention"))
+        if layer.mlp is not None:
+            units.append((i, "mlp"))
+    return units
+
+
+def removal_sensitivity(model, windows: torch.Tensor, batch_size: int = 4, quiet: bool = False) -> dict:
+    """JS divergence of the final distributions with each unit removed alone: {(layer, kind): js}."""
+    scorer = _Scorer(model, windows, batch_size)
+    scorer.cache_layer_inputs()
+    scores = {}
+    for layer, kind in progress(present_units(model), "removal sensitivity", quiet):
+        with units_switched_off(model, [(layer, kind)]):
+            scores[(layer, kind)] = scorer.divergence(start_layer=layer)
+    return scores
+
+
+@torch.no_grad()
+def analyze_layers_light(model, windows, batch_size) -> list[dict]:
+    """Redundancy only (mean token cosine of each enabled unit's input and output)."""
+    layers = model.model.layers
+    sums = [{"attention": 0.0, "mlp": 0.0} for _ in layers]
+    tokens = 0
+    for batch in windows.split(batch_size):
+        h = model.model.embed_tokens(batch)
+        b, t = batch.shape
+        positions = torch.arange(t)[None].expand(b, t)
+        cos, sin = model.model.rotary(positions, h.dtype)
+        mask = causal_mask(None, t, h.device)
+        for i, layer in enumerate(layers):
+            if layer.self_attn is not None and layer.attention_enabled:
+                out = h + layer.self_attn(layer.input_layernorm(h), cos, sin, mask, None)
+                sums[i]["attention"] += float(torch.nn.functional.cosine_similarity(h, out, dim=-1).sum())
+                h = out
+            if layer.mlp is not None and layer.mlp_enabled:
+                out = h + layer.mlp(layer.post_attention_layernorm(h))
+                sums[i]["mlp"] += float(torch.nn.functional.cosine_similarity(h, out, dim=-1).sum())
+                h = out
+        tokens += b * t
+    return [{k: v / tokens for k, v in s.items()} for s in sums]
+
+
+def greedy_removal_order(model, windows: torch.Tensor, candidates: list[tuple[int, str]], steps: int,
+                         criterion: str, batch_size: int = 4, quiet: bool = False) -> list[dict]:
+    """The first `steps` units removed greedily from `candidates`; each step records its score."""
+    if criterion not in ("finercut", "iterative"):
+        raise ValueError(f"unknown greedy criterion {criterion!r}")
+    removed: list[tuple[int, str]] = []
+    order = []
+    remaining = list(candidates)
+    scorer = _Scorer(model, windows, batch_size) if criterion == "finercut" else None
+    bar = progress(range(steps), f"{criterion} search", quiet)
+    for _ in bar:
+        if not remaining:
+            break
+        if criterion == "finercut":
+            with units_switched_off(model, removed):
+                scorer.cache_layer_inputs()
+                scores = {}
+                for layer, kind in remaining:
+                    with units_switched_off(model, [(layer, kind)]):
+                        scores[(layer, kind)] = scorer.divergence(start_layer=layer)
+            best = min(scores, key=scores.get)
+        else:
+            with units_switched_off(model, removed):
+                cosines = analyze_layers_light(model, windows, batch_size)
+            scores = {(layer, kind): cosines[layer][kind] for layer, kind in remaining}
+            best = max(scores, key=scores.get)
+        removed.append(best)
+        remaining.remove(best)
+        entry = {"layer": best[0], "unit": best[1], "score": scores[best]}
+        if criterion == "finercut":
+            entry["js_divergence"] = scores[best]
+        else:
+            entry["redundancy"] = scores[best]
+        order.append(entry)
+    return order

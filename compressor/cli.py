@@ -1,0 +1,139 @@
+"""The `compress` command: argument parsing and printing only; the work is in compressor.pipeline.
+
+    compress --recipe R [--model SOURCE] [--out DIR] [--force] [--quiet]
+    compress analyze --model SOURCE --out DIR [--recipe R] [--samples N] [--seq-len L] [--sensitivity]
+    compress plan --recipe R --analysis DIR/analysis.json --out plan.json
+    compress apply --plan plan.json --model SOURCE --out DIR [--force]
+    compress eval DIR [--recipe R] [--no-original]
+    compress report DIR [DIR ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SUBCOMMANDS = ("analyze", "plan", "apply", "eval", "report")
+
+
+def _main_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compress", description="Compress a transformer language model with a recipe.",
+                                epilog=f"sub-commands: {', '.join(SUBCOMMANDS)} (compress SUBCOMMAND --help)")
+    p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
+    p.add_argument("--model", help="model source: 'embedded' (default), a folder, a .gguf file, or a hub id")
+    p.add_argument("--out", help="artifact folder (default: out/RECIPE_NAME)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or step messages")
+    return p
+
+
+def _sub_parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"compress {command}")
+    if command == "analyze":
+        p.add_argument("--model", default="embedded", help="model source (default: embedded)")
+        p.add_argument("--out", required=True, help="folder for analysis.json and analysis.png")
+        p.add_argument("--recipe", help="take calibration settings (and greedy searches) from this recipe")
+        p.add_argument("--text", help="calibration text: 'embedded', a .txt/.jsonl file, or hf:NAME:SPLIT")
+        p.add_argument("--samples", type=int, help="calibration windows")
+        p.add_argument("--seq-len", type=int, help="tokens per calibration window")
+        p.add_argument("--sensitivity", action="store_true", help="also measure each unit's removal sensitivity")
+        p.add_argument("--force", action="store_true")
+    elif command == "plan":
+        p.add_argument("--recipe", required=True)
+        p.add_argument("--analysis", required=True, help="analysis.json written by `compress analyze`")
+        p.add_argument("--out", required=True, help="plan.json to write")
+    elif command == "apply":
+        p.add_argument("--plan", required=True)
+        p.add_argument("--model", default="embedded")
+        p.add_argument("--out", required=True)
+        p.add_argument("--force", action="store_true")
+    elif command == "eval":
+        p.add_argument("folder")
+        p.add_argument("--recipe", help="evaluation settings (default: the artifact's recipe.yaml)")
+        p.add_argument("--no-original", action="store_true", help="do not evaluate the original model")
+    elif command == "report":
+        p.add_argument("folders", nargs="+")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _log(quiet: bool):
+    return (lambda *a, **k: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
+
+
+def run(argv: list[str]) -> int:
+    from compressor import pipeline
+    from compressor.analysis.render import layer_table
+    from compressor.artifact import read_json, staged_folder, write_json
+    from compressor.models.sources import load_model
+    from compressor.plan import load_plan, make_plan, save_plan
+    from compressor.recipe import Recipe, load_recipe
+    from compressor.report import compare
+
+    if argv and argv[0] in SUBCOMMANDS:
+        command, args = argv[0], _sub_parser(argv[0]).parse_args(argv[1:])
+    else:
+        command, args = "compress", _main_parser().parse_args(argv)
+    log = _log(args.quiet)
+
+    if command == "compress":
+        out = pipeline.compress(args.recipe, args.model, args.out, args.force, args.quiet, log)
+        print((out / "report.md").read_text())
+        print(f"artifact: {out}")
+    elif command == "analyze":
+        recipe = load_recipe(args.recipe) if args.recipe else Recipe()
+        overrides = {k: v for k, v in (("text", args.text), ("samples", args.samples), ("seq_len", args.seq_len)) if v}
+        recipe = recipe.model_copy(update={
+            "calibration": recipe.calibration.model_copy(update=overrides),
+            "analysis": recipe.analysis.model_copy(update={"removal_sensitivity": args.sensitivity or recipe.analysis.removal_sensitivity}),
+        })
+        Recipe.model_validate(recipe.model_dump())
+        pipeline.quiet_transformers()
+        from compressor.artifact import check_destination
+
+        check_destination(args.out, args.force)
+        loaded = load_model(args.model, quiet=True)
+        analysis = pipeline.analyze(loaded, recipe, args.quiet)
+        with staged_folder(args.out, args.force) as staging:
+            pipeline.write_analysis(analysis, staging)
+        print(layer_table(analysis))
+        print(f"analysis: {Path(args.out) / 'analysis.json'} (heat map: analysis.png)")
+    elif command == "plan":
+        recipe = load_recipe(args.recipe)
+        analysis = read_json(Path(args.analysis), "analysis")
+        plan = make_plan(recipe, analysis)
+        save_plan(plan, args.out)
+        removed = (plan.get("removal") or {}).get("removed", [])
+        print(f"plan: {len(removed)} units removed -> {args.out}")
+        for u in removed:
+            print(f"  layer {u['layer']:>3} {u['unit']:<9} {plan['layers'][u['layer']]['notes']}")
+    elif command == "apply":
+        plan = load_plan(args.plan)
+        out = pipeline.apply_plan_to_source(plan, args.model, args.out, args.force, args.quiet)
+        print(f"artifact: {out} (evaluate it with: compress eval {out})")
+    elif command == "eval":
+        report = pipeline.evaluate_artifact(Path(args.folder), args.recipe, not args.no_original, args.quiet, log)
+        print((Path(args.folder) / "report.md").read_text())
+        del report
+    elif command == "report":
+        print(compare(args.folders))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from compressor.errors import CompressorError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(argv)
+    except CompressorError as exc:
+        print(f"compress: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("compress: interrupted; nothing was written at the destination", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

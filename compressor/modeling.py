@@ -1,0 +1,364 @@
+"""The heterogeneous compressed decoder: a Llama-family causal LM whose per-layer shape comes from config.json.
+
+Every layer may keep or drop its attention unit and its MLP unit (`block_configs`, the DeciLM /
+Nemotron-NAS convention). A dropped unit has no module, no weights and no KV-cache slot, so the
+savings are real. The same class serves Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (q/k norms);
+which family it came from is recorded in `source_architecture` only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class CompressedConfig(PretrainedConfig):
+    model_type = "compressor_decoder"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 256,
+        intermediate_size: int = 512,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+        rope_frequency_scaling: dict | None = None,
+        max_position_embeddings: int = 2048,
+        attention_bias: bool = False,
+        attention_output_bias: bool = False,
+        mlp_bias: bool = False,
+        qk_norm: bool = False,
+        attention_window: int | None = None,
+        hidden_act: str = "silu",
+        block_configs: list | None = None,
+        source_architecture: str | None = None,
+        tie_word_embeddings: bool = True,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.rope_frequency_scaling = rope_frequency_scaling
+        self.max_position_embeddings = max_position_embeddings
+        self.attention_bias = attention_bias
+        self.attention_output_bias = attention_output_bias
+        self.mlp_bias = mlp_bias
+        self.qk_norm = qk_norm
+        self.attention_window = attention_window
+        self.hidden_act = hidden_act
+        if block_configs is None:
+            block_configs = [
+                {"attention": {"no_op": False}, "ffn": {"no_op": False}} for _ in range(num_hidden_layers)
+            ]
+        if len(block_configs) != num_hidden_layers:
+            raise ValueError(
+                f"block_configs has {len(block_configs)} entries but num_hidden_layers is {num_hidden_layers}"
+            )
+        self.block_configs = block_configs
+        self.source_architecture = source_architecture
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def has_attention(self, layer: int) -> bool:
+        return not self.block_configs[layer]["attention"]["no_op"]
+
+    def has_mlp(self, layer: int) -> bool:
+        return not self.block_configs[layer]["ffn"]["no_op"]
+
+    def attention_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.has_attention(i)]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inverse_frequencies(config: CompressedConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_frequency_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        # Llama 3.1 frequency-dependent scaling: long wavelengths divided by `factor`, short kept,
+        # a smooth blend in between.
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        middle = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        inv_freq = torch.where(middle, blended, inv_freq)
+    return inv_freq.float()
+
+
+class RotaryEmbedding(nn.Module):
+    # The frequencies are derived from the config on first use, not kept as a buffer: a buffer would
+    # be left uninitialized when transformers builds the model on the meta device before loading.
+    def __init__(self, config: CompressedConfig):
+        super().__init__()
+        self.config = config
+        self._inv_freq = None
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        if self._inv_freq is None or self._inv_freq.device != position_ids.device:
+            self._inv_freq = rope_inverse_frequencies(self.config).to(position_ids.device)
+        freqs = position_ids[..., None].float() * self._inv_freq
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of the layers that keep attention, indexed by their cache slot."""
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx in self.keys:
+            key = torch.cat([self.keys[layer_idx], key], dim=-2)
+            value = torch.cat([self.values[layer_idx], value], dim=-2)
+        self.keys[layer_idx], self.values[layer_idx] = key, value
+        return key, value
+
+    def get_seq_length(self, layer_idx: int | None = None) -> int:
+        if not self.keys:
+            return 0
+        layer = layer_idx if layer_idx in self.keys else next(iter(self.keys))
+        return self.keys[layer].shape[-2]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: CompressedConfig, layer_idx: int, cache_index: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        # Slot in an external (transformers) cache: layers without attention take none.
+        self.cache_index = cache_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.window = config.attention_window
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_output_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        # Set by the analysis pass: when not None, attention probabilities are computed explicitly
+        # and this callable receives them (batch, heads, queries, keys).
+        self.probability_observer = None
+
+    def forward(self, x, cos, sin, mask, cache):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.cache_index)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        layer_mask = mask(k.shape[-2]) if callable(mask) else mask
+        if self.window is not None:
+            layer_mask = layer_mask & window_mask(t, k.shape[-2], self.window, x.device)
+        if self.probability_observer is not None:
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            scores = scores.masked_fill(~layer_mask, torch.finfo(scores.dtype).min)
+            probs = scores.softmax(-1)
+            self.probability_observer(probs)
+            out = probs @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=layer_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def window_mask(queries: int, keys: int, window: int, device) -> torch.Tensor:
+    q_pos = torch.arange(keys - queries, keys, device=device)[:, None]
+    k_pos = torch.arange(keys, device=device)[None, :]
+    return (q_pos - k_pos) < window
+
+
+class MLP(nn.Module):
+    def __init__(self, config: CompressedConfig):
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual layer; either unit may be absent (then it is the identity)."""
+
+    def __init__(self, config: CompressedConfig, layer_idx: int, cache_index: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        eps = config.rms_norm_eps
+        if config.has_attention(layer_idx):
+            self.input_layernorm = RMSNorm(config.hidden_size, eps)
+            self.self_attn = Attention(config, layer_idx, cache_index)
+        else:
+            self.input_layernorm = self.self_attn = None
+        if config.has_mlp(layer_idx):
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+            self.mlp = MLP(config)
+        else:
+            self.post_attention_layernorm = self.mlp = None
+        # Analysis switches a unit off temporarily to measure what its removal costs; the artifact
+        # itself never carries a switched-off unit (removal deletes it).
+        self.attention_enabled = True
+        self.mlp_enabled = True
+
+    def forward(self, h, cos, sin, mask, cache):
+        if self.self_attn is not None and self.attention_enabled:
+            h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
+        if self.mlp is not None and self.mlp_enabled:
+            h = h + self.mlp(self.post_attention_layernorm(h))
+        return h
+
+
+class CompressedPreTrainedModel(PreTrainedModel):
+    config_class = CompressedConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(0.0, std)
+        elif isinstance(module, RMSNorm):
+            module.weight.data.fill_(1.0)
+
+
+class CompressedModel(CompressedPreTrainedModel):
+    def __init__(self, config: CompressedConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        cache_slots = {layer: slot for slot, layer in enumerate(config.attention_layers())}
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, cache_slots.get(i, -1)) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, start_layer: int = 0, **kwargs):
+        """`inputs_embeds` with `start_layer` > 0 resumes from that layer's input hidden states."""
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t = h.shape[:2]
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                # Left padding: positions count real tokens only.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
+            else:
+                position_ids = torch.arange(past, past + t, device=h.device)[None].expand(b, t)
+        cos, sin = self.rotary(position_ids, h.dtype)
+        mask = causal_mask(attention_mask, t, h.device)
+        for layer in self.layers[start_layer:]:
+            h = layer(h, cos, sin, mask, past_key_values)
+        return self.norm(h)
+
+
+def causal_mask(attention_mask, queries: int, device):
+    """Returns a function of the key length giving a (batch|1, 1, queries, keys) boolean mask."""
+
+    def build(keys: int) -> torch.Tensor:
+        q_pos = torch.arange(keys - queries, keys, device=device)[:, None]
+        allowed = torch.arange(keys, device=device)[None, :] <= q_pos
+        allowed = allowed[None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, -keys:].bool()
+            # A fully padded query row would give NaN; let it see itself.
+            allowed = allowed | (torch.arange(keys, device=device)[None, :] == q_pos)[None, None]
+        return allowed
+
+    return build
+
+
+class CompressedForCausalLM(CompressedPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: CompressedConfig):
+        super().__init__(config)
+        self.model = CompressedModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=None, labels=None, inputs_embeds=None, logits_to_keep: int = 0, **kwargs):
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache()
+        h = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)

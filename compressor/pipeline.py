@@ -1,0 +1,199 @@
+"""The whole run as plain functions: load -> analyze -> plan -> apply -> export -> evaluate -> report.
+
+`compress(recipe, model, out)` is what `compress --recipe` calls; the steps are also public so
+that the CLI's sub-commands and the benchmarks reuse them.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from compressor.analysis.collect import analyze_layers, super_weight_candidates, weight_statistics
+from compressor.analysis.removal import greedy_removal_order, removal_sensitivity
+from compressor.analysis.render import heatmap
+from compressor.artifact import check_destination, staged_folder, write_json
+from compressor.data import calibration_windows, default_evaluation_text
+from compressor.evaluate import PeakMemory, evaluate_model
+from compressor.models.sources import LoadedModel, load_model
+from compressor.plan import make_plan, removable_candidates, removal_quotas, search_key
+from compressor.recipe import Recipe, load_recipe, recipe_yaml
+from compressor.report import artifact_report, report_markdown
+from compressor.transforms.prune import remove_units
+
+ANALYSIS_FORMAT = "compressor-analysis/1"
+
+
+def quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def analyze(loaded: LoadedModel, recipe: Recipe, quiet: bool = False) -> dict:
+    """The LayerReport: one instrumented pass, plus the costlier scores the recipe asks for."""
+    model, settings = loaded.model, recipe.calibration
+    windows = calibration_windows(loaded.tokenizer, settings.text, settings.samples, settings.seq_len, settings.seed)
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        layers = analyze_layers(model, windows.input_ids, recipe.analysis.batch_size, quiet)
+        for entry, stats in zip(layers, weight_statistics(model)):
+            for kind in ("attention", "mlp"):
+                if entry[kind] is not None:
+                    entry[kind].update(stats[kind])
+            entry["zd"] = stats.get("zd")
+        analysis = {"format": ANALYSIS_FORMAT,
+                    "model": dict(loaded.info, num_hidden_layers=model.config.num_hidden_layers,
+                                  hidden_size=model.config.hidden_size, parameters=sum(p.numel() for p in model.parameters())),
+                    "calibration": windows.record, "layers": layers,
+                    "super_weight_candidates": super_weight_candidates(layers), "removal_searches": []}
+        removal = recipe.remove
+        search_windows = None
+        if removal is not None:
+            search_windows = windows.input_ids[: removal.search_samples, : removal.search_seq_len]
+        if recipe.analysis.removal_sensitivity:
+            probe = search_windows if search_windows is not None else windows.input_ids[:8, :256]
+            for (layer, kind), js in removal_sensitivity(model, probe, recipe.analysis.batch_size, quiet).items():
+                layers[layer][kind]["removal_js"] = js
+        if removal is not None and removal.method in ("iterative", "finercut"):
+            analysis["removal_searches"].append(
+                removal_search(model, analysis, removal, search_windows, recipe.analysis.batch_size, quiet))
+    analysis["cost"] = {"seconds": time.perf_counter() - started, "peak_memory_growth_mb": memory.peak_growth / 2**20,
+                        "threads": torch.get_num_threads()}
+    return analysis
+
+
+def removal_search(model, analysis: dict, removal, windows, batch_size: int, quiet: bool) -> dict:
+    quotas = removal_quotas(removal, len(analysis["layers"]))
+    candidates = removable_candidates(analysis, removal.protect)
+    allowed = {k for k in ("attention", "mlp") if quotas[k] or quotas["any"]}
+    candidates = [u for u in candidates if u[1] in allowed]
+    steps = min(sum(quotas.values()), len(candidates))
+    order = _quota_greedy(model, windows, candidates, quotas, steps, removal.method, batch_size, quiet)
+    return dict(search_key(removal, quotas), order=order)
+
+
+def _quota_greedy(model, windows, candidates, quotas, steps, method, batch_size, quiet):
+    """Greedy search restricted to the kinds whose quota still has room (single-kind: one search)."""
+    kinds_with_quota = [k for k in ("attention", "mlp") if quotas[k]]
+    if quotas["any"] or len(kinds_with_quota) <= 1:
+        return greedy_removal_order(model, windows, candidates, steps, method, batch_size, quiet)
+    # Separate per-kind quotas: search each kind in turn, later ones given the earlier removals.
+    from compressor.analysis.removal import units_switched_off
+
+    order = []
+    for kind in kinds_with_quota:
+        removed = [(s["layer"], s["unit"]) for s in order]
+        with units_switched_off(model, removed):
+            order += greedy_removal_order(model, windows, [u for u in candidates if u[1] == kind], quotas[kind],
+                                          method, batch_size, quiet)
+    return order
+
+
+def write_analysis(analysis: dict, folder: Path) -> None:
+    write_json(folder / "analysis.json", analysis)
+    heatmap(analysis, folder / "analysis.png")
+
+
+def evaluation_text(recipe: Recipe) -> str:
+    return default_evaluation_text() if recipe.evaluate.text == "auto" else recipe.evaluate.text
+
+
+def original_metrics(loaded: LoadedModel, recipe: Recipe, quiet: bool) -> dict:
+    from exporters.safetensors import MODEL_FILE, write_model
+
+    with tempfile.TemporaryDirectory(prefix="compressor-original-") as tmp:
+        write_model(loaded.model, None, tmp)
+        return evaluate_model(loaded.model, loaded.tokenizer, recipe.evaluate, evaluation_text(recipe),
+                              Path(tmp) / MODEL_FILE, quiet)
+
+
+def write_report(folder: Path, name: str, metrics: dict, original: dict | None, plan: dict | None) -> dict:
+    report = artifact_report(name, metrics, original, plan)
+    write_json(folder / "report.json", report)
+    (folder / "report.md").write_text(report_markdown(report))
+    return report
+
+
+def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | Path | None = None,
+             force: bool = False, quiet: bool = False, log=print) -> Path:
+    """Runs every step of a recipe and returns the artifact folder."""
+    from exporters.safetensors import MODEL_FILE, write_model
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    quiet_transformers()
+    out = check_destination(out or Path("out") / recipe.name, force)
+    source = model or recipe.model
+    log(f"loading model: {source}")
+    loaded = load_model(source, quiet=True)
+    log(f"analyzing: {recipe.calibration.samples} calibration windows x {recipe.calibration.seq_len} tokens "
+        f"from '{recipe.calibration.text}'")
+    analysis = analyze(loaded, recipe, quiet)
+    plan = make_plan(recipe, analysis)
+    removed = (plan.get("removal") or {}).get("removed", [])
+    log(f"plan: remove {len(removed)} units" + (": " + ", ".join(f"{u['layer']}.{u['unit']}" for u in removed) if removed else ""))
+    compressed = remove_units(loaded.model, plan)
+    with staged_folder(out, force) as staging:
+        write_model(compressed, loaded.tokenizer, staging)
+        (staging / "recipe.yaml").write_text(recipe_yaml(recipe))
+        write_json(staging / "plan.json", plan)
+        write_analysis(analysis, staging)
+        log("evaluating compressed model")
+        metrics = evaluate_model(compressed, loaded.tokenizer, recipe.evaluate, evaluation_text(recipe),
+                                 staging / MODEL_FILE, quiet)
+        original = None
+        if recipe.evaluate.compare_original:
+            log("evaluating original model")
+            original = original_metrics(loaded, recipe, quiet)
+        write_report(staging, recipe.name, metrics, original, plan)
+    return out
+
+
+def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, quiet: bool = False) -> Path:
+    from exporters.safetensors import write_model
+
+    quiet_transformers()
+    out = check_destination(out, force)
+    loaded = load_model(source, quiet=True)
+    compressed = remove_units(loaded.model, plan)
+    with staged_folder(out, force) as staging:
+        write_model(compressed, loaded.tokenizer, staging)
+        write_json(staging / "plan.json", dict(plan, model=dict(plan.get("model") or {}, source=source)))
+    return out
+
+
+
+
+def evaluate_artifact(folder: Path, recipe_path: str | None, with_original: bool, quiet: bool = False,
+                      log=print) -> dict:
+    """Evaluates an artifact in place and (re)writes its report.json and report.md."""
+    from compressor.artifact import read_json
+    from compressor.runtime import load
+    from exporters.safetensors import MODEL_FILE
+
+    quiet_transformers()
+    artifact = load(folder)
+    if recipe_path:
+        recipe = load_recipe(recipe_path)
+    elif (folder / "recipe.yaml").is_file():
+        recipe = load_recipe(folder / "recipe.yaml")
+    else:
+        recipe = Recipe(name=folder.name)
+    log(f"evaluating {folder}")
+    metrics = evaluate_model(artifact.model, artifact.tokenizer, recipe.evaluate, evaluation_text(recipe),
+                             folder / MODEL_FILE, quiet)
+    original = None
+    plan = read_json(folder / "plan.json", "plan") if (folder / "plan.json").is_file() else None
+    source = ((plan or {}).get("model") or {}).get("source")
+    if with_original and source:
+        log(f"evaluating original model: {source}")
+        original = original_metrics(load_model(source, quiet=True), recipe, quiet)
+    return write_report(folder, recipe.name if recipe_path or (folder / "recipe.yaml").is_file() else folder.name,
+                        metrics, original, plan)

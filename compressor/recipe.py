@@ -1,0 +1,133 @@
+"""Recipes: what the user asks for, as validated data.
+
+A recipe is YAML checked against a strict schema (unknown keys and wrong types are errors that
+name the field, the bad value and what is allowed). The recipe is saved beside the artifact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from compressor.errors import CompressorError
+
+Budget = Union[int, float]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Calibration(Strict):
+    text: str = "embedded"
+    samples: int = Field(32, ge=1)
+    seq_len: int = Field(512, ge=8)
+    seed: int = 0
+
+
+class Protect(Strict):
+    first: int = Field(1, ge=0)
+    last: int = Field(1, ge=0)
+
+
+class Removal(Strict):
+    method: Literal["similarity", "iterative", "finercut"] = "similarity"
+    # Counts (int) or fractions of that unit kind in the model (float in [0, 1)).
+    attention: Budget = Field(0, ge=0)
+    mlp: Budget = Field(0, ge=0)
+    any: Budget = Field(0, ge=0)
+    protect: Protect = Protect()
+    # The greedy methods score candidates on the first `search_samples` calibration windows, cut
+    # to `search_seq_len` tokens (scoring every candidate at every step is the costly part).
+    search_samples: int = Field(8, ge=1)
+    search_seq_len: int = Field(256, ge=8)
+
+
+class Analysis(Strict):
+    removal_sensitivity: bool = False
+    batch_size: int = Field(4, ge=1)
+
+
+class Speed(Strict):
+    prompt_tokens: int = Field(512, ge=1)
+    new_tokens: int = Field(32, ge=1)
+    repeats: int = Field(3, ge=1)
+
+
+class Evaluation(Strict):
+    text: str = "auto"  # auto: WikiText-2 test when present beside the project, else embedded text
+    windows: int = Field(16, ge=1)
+    seq_len: int = Field(512, ge=8)
+    speed: Speed = Speed()
+    compare_original: bool = True
+
+
+class Recipe(Strict):
+    name: str = "recipe"
+    description: str = ""
+    model: str = "embedded"
+    calibration: Calibration = Calibration()
+    analysis: Analysis = Analysis()
+    remove: Removal | None = None
+    evaluate: Evaluation = Evaluation()
+    export: list[Literal["safetensors"]] = ["safetensors"]
+
+
+def _allowed_fields(model_cls, loc) -> list[str]:
+    cls = model_cls
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            break
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            break
+        cls = candidates[0]
+    return list(cls.model_fields)
+
+
+def describe_validation_error(error: ValidationError, where: str) -> str:
+    lines = []
+    for item in error.errors():
+        loc = [str(p) for p in item["loc"] if not str(p).startswith(("int", "float", "function"))]
+        field = ".".join(loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_fields(Recipe, tuple(item["loc"]))
+            lines.append(f"unknown key '{field}'; allowed here: {', '.join(allowed)}")
+        else:
+            lines.append(f"{field}: {item['msg'].lower()} (got {item.get('input')!r})")
+    unique = list(dict.fromkeys(lines))
+    return f"{where}: " + "; ".join(unique)
+
+
+def parse_recipe(data, where: str = "recipe") -> Recipe:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise CompressorError(f"{where}: expected a mapping of recipe keys at the top level, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise CompressorError(describe_validation_error(exc, where)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise CompressorError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise CompressorError(f"{path}: malformed YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    return parse_recipe(data, str(path))
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

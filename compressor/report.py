@@ -1,0 +1,74 @@
+"""Reports: report.json / report.md for one artifact, and side-by-side tables across artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compressor.artifact import read_json
+from compressor.errors import CompressorError
+
+COLUMNS = (
+    ("variant", lambda n, m: n),
+    ("weights MB", lambda n, m: f"{m['weights_bytes'] / 1e6:.1f}" if m.get("weights_bytes") else "-"),
+    ("params M", lambda n, m: f"{m['parameters'] / 1e6:.2f}"),
+    ("perplexity", lambda n, m: f"{m['perplexity']:.2f}"),
+    ("prefill s", lambda n, m: f"{m['speed']['prefill_seconds']:.3f}"),
+    ("decode tok/s", lambda n, m: f"{m['speed']['decode_tokens_per_second']:.1f}"),
+    ("peak mem MB", lambda n, m: f"{m['speed']['peak_memory_growth_mb']:.0f}"),
+)
+
+
+def markdown_table(rows: list[tuple[str, dict]], baseline: dict | None = None) -> str:
+    headers = [c[0] for c in COLUMNS]
+    if baseline is not None:
+        headers += ["ppl ratio", "prefill speedup", "decode speedup"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for name, metrics in rows:
+        cells = [fn(name, metrics) for _, fn in COLUMNS]
+        if baseline is not None:
+            cells += [f"{metrics['perplexity'] / baseline['perplexity']:.3f}",
+                      f"{baseline['speed']['prefill_seconds'] / metrics['speed']['prefill_seconds']:.2f}x",
+                      f"{metrics['speed']['decode_tokens_per_second'] / baseline['speed']['decode_tokens_per_second']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluation_note(metrics: dict) -> str:
+    text = metrics["perplexity_text"]
+    speed = metrics["speed"]
+    return (f"Perplexity on {text['source']}, {text['windows']} windows x {text['seq_len']} tokens. "
+            f"Speed: prompt of {speed['prompt_tokens']} tokens, {speed['new_tokens']} new tokens, greedy, "
+            f"median of {speed['repeats']} repeats on {metrics.get('threads', '?')} threads. "
+            f"Peak memory: resident-set growth during the timed runs.")
+
+
+def artifact_report(name: str, metrics: dict, original: dict | None, plan: dict | None) -> dict:
+    return {"name": name, "compressed": metrics, "original": original,
+            "removed_units": (plan or {}).get("removal", {}) and plan["removal"]["removed"]}
+
+
+def report_markdown(report: dict) -> str:
+    rows = []
+    if report.get("original"):
+        rows.append(("original", report["original"]))
+    rows.append((report["name"], report["compressed"]))
+    removed = report.get("removed_units") or []
+    lines = [f"# Report: {report['name']}", "", markdown_table(rows, report.get("original")), "",
+             evaluation_note(report["compressed"]), ""]
+    if removed:
+        lines.append("Removed units: " + ", ".join(f"layer {u['layer']} {u['unit']}" for u in removed))
+    return "\n".join(lines) + "\n"
+
+
+def compare(folders: list[str]) -> str:
+    rows, original = [], None
+    for folder in folders:
+        report = read_json(Path(folder) / "report.json", "report (run `compress eval` first)")
+        if original is None and report.get("original"):
+            original = report["original"]
+        rows.append((report.get("name") or Path(folder).name, report["compressed"]))
+    if not rows:
+        raise CompressorError("report: give at least one artifact folder")
+    if original is not None:
+        rows.insert(0, ("original", original))
+    return markdown_table(rows, original) + "\n\n" + evaluation_note(rows[-1][1]) + "\n"

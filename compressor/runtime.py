@@ -1,0 +1,95 @@
+"""Loading an artifact for use: `compressor.load(folder)` gives generate / score on a chosen backend."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from compressor.errors import CompressorError
+from compressor.modeling import KVCache
+
+BACKENDS = ("torch", "auto")
+
+
+class Artifact:
+    """A loaded artifact: the compressed model, its tokenizer, and the plan and report beside it."""
+
+    def __init__(self, folder: Path, model, tokenizer):
+        self.folder = folder
+        self.model = model
+        self.tokenizer = tokenizer
+        self.plan = _optional_json(folder / "plan.json")
+        self.report = _optional_json(folder / "report.json")
+
+    def _encode(self, prompt: str, chat: bool) -> torch.Tensor:
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+        else:
+            text = prompt
+        return torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop_token_ids: list[int] | None = None,
+                 chat: bool = False) -> str:
+        """Continues `prompt` (or answers it as a chat turn with chat=True); returns the new text."""
+        ids = self._encode(prompt, chat)
+        new = self.generate_ids(ids, max_new_tokens, do_sample, temperature, top_k, seed, stop_token_ids)
+        return self.tokenizer.decode(new, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def generate_ids(self, ids: torch.Tensor, max_new_tokens: int = 64, do_sample: bool = False,
+                     temperature: float = 1.0, top_k: int = 0, seed: int | None = None,
+                     stop_token_ids: list[int] | None = None) -> list[int]:
+        if stop_token_ids is None:
+            eos = self.model.config.eos_token_id
+            stop_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        cache = KVCache()
+        logits = self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            if do_sample:
+                scores = logits.float() / max(temperature, 1e-5)
+                if top_k:
+                    kth = torch.topk(scores, top_k).values[:, -1:]
+                    scores = scores.masked_fill(scores < kth, float("-inf"))
+                token = int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+            else:
+                token = int(logits.argmax(-1))
+            if token in stop_token_ids:
+                break
+            out.append(token)
+            logits = self.model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[:, -1]
+        return out
+
+    @torch.no_grad()
+    def score(self, text: str) -> dict:
+        """Negative log-likelihood of `text` under the model: total, per token, and perplexity."""
+        ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]])
+        if ids.shape[1] < 2:
+            raise CompressorError("score: the text must have at least two tokens")
+        logits = self.model(ids).logits[0, :-1].float()
+        nll = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        tokens = ids.shape[1] - 1
+        return {"tokens": tokens, "nll": nll, "nll_per_token": nll / tokens, "perplexity": math.exp(nll / tokens)}
+
+
+def _optional_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load(folder: str | Path, backend: str = "torch") -> Artifact:
+    from exporters.safetensors import read_model
+
+    if backend not in BACKENDS:
+        raise CompressorError(f"backend {backend!r} is not available; allowed: {', '.join(BACKENDS)}")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CompressorError(f"artifact folder not found: {folder}")
+    model, tokenizer = read_model(folder)
+    return Artifact(folder, model, tokenizer)

@@ -1,0 +1,36 @@
+"""Sub-layer removal: rebuild the model without the units a plan removes.
+
+The result is a new CompressedForCausalLM whose `block_configs` mark removed units as no-ops;
+their modules, weights and KV-cache slots do not exist.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compressor.errors import CompressorError
+from compressor.modeling import CompressedConfig, CompressedForCausalLM
+from compressor.plan import block_configs
+
+
+def remove_units(model: CompressedForCausalLM, plan: dict) -> CompressedForCausalLM:
+    config_dict = model.config.to_dict()
+    if len(plan["layers"]) != model.config.num_hidden_layers:
+        raise CompressorError(
+            f"plan has {len(plan['layers'])} layers but the model has {model.config.num_hidden_layers}")
+    for i, decision in enumerate(plan["layers"]):
+        for kind, present in (("attention", model.config.has_attention(i)), ("mlp", model.config.has_mlp(i))):
+            if decision[kind] == "keep" and not present:
+                raise CompressorError(f"plan keeps layers[{i}].{kind} but the model has no such unit")
+    config_dict["block_configs"] = block_configs(plan)
+    config = CompressedConfig(**{k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")})
+    with torch.device("meta"):
+        pruned = CompressedForCausalLM(config)
+    wanted = set(pruned.state_dict())
+    state = {k: v for k, v in model.state_dict().items() if k in wanted}
+    pruned.load_state_dict(state, strict=False, assign=True)
+    pruned.tie_weights()
+    leftover = [n for n, p in pruned.named_parameters() if p.is_meta]
+    if leftover:
+        raise CompressorError(f"weights missing after removal: {leftover[:5]}")
+    return pruned.eval()

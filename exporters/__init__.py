@@ -1,0 +1,1 @@
+"""Exporters: each writes a compressed model in one format and has a loader counterpart."""
