@@ -3,7 +3,8 @@
 Sources: `embedded` (CPython's own reference text from `pydoc_data`, so no network is needed), a
 `.txt` or `.jsonl` file (one JSON object per line with a `text` field), or `hf:NAME[/CONFIG]:SPLIT`
 when the `datasets` package and a hub are reachable. Calibration samples are drawn at random
-offsets from a seed; evaluation windows are consecutive and non-overlapping from the start.
+offsets from a seed; evaluation windows are consecutive and non-overlapping from the start of a
+file (from the end of the embedded text, whose beginning calibration also draws on).
 """
 
 from __future__ import annotations
@@ -41,13 +42,17 @@ def load_text(source: str) -> str:
     raw = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
     if path.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(raw.splitlines(), 1):
+        # split("\n"), not splitlines(): JSON strings may hold U+2028 and other line separators.
+        for number, line in enumerate(raw.split("\n"), 1):
             if not line.strip():
                 continue
             try:
-                texts.append(json.loads(line)["text"])
+                text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CompressorError(f"{source}:{number}: expected a JSON object with a 'text' field") from exc
+            if not isinstance(text, str):
+                raise CompressorError(f"{source}:{number}: 'text' must be a string, got {type(text).__name__}")
+            texts.append(text)
         return "\n\n".join(texts)
     return raw
 

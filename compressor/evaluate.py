@@ -1,7 +1,7 @@
 """Evaluation: windowed perplexity, size, parameter count, prefill latency, decode speed, peak memory.
 
-Perplexity uses consecutive non-overlapping windows from the start of the evaluation text (the
-window count and length are reported with every figure). Speeds are medians over repeats of one
+Perplexity uses consecutive non-overlapping windows of the evaluation text (see
+`compressor.data.evaluation_windows`; the window count and length are reported with every figure). Speeds are medians over repeats of one
 run; peak memory is the largest resident-set growth seen while the timed work ran.
 """
 

@@ -14,6 +14,7 @@ after each removal, or final-logit divergence), since finding it needs the model
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from compressor.errors import CompressorError
@@ -33,7 +34,8 @@ def removal_quotas(removal: Removal, num_layers: int) -> dict[str, int]:
         if isinstance(value, float) and not value.is_integer():
             if value >= 1:
                 raise CompressorError(f"remove.{kind}: a fraction must be below 1, got {value}")
-            quotas[kind] = int(value * units)
+            # round() first: 0.58 * 50 is 28.999999999999996 in binary floating point.
+            quotas[kind] = math.floor(round(value * units, 9))
         else:
             quotas[kind] = int(value)
     return quotas

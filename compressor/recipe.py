@@ -43,7 +43,7 @@ class Removal(Strict):
     # The greedy methods score candidates on the first `search_samples` calibration windows, cut
     # to `search_seq_len` tokens (scoring every candidate at every step is the costly part).
     search_samples: int = Field(8, ge=1)
-    search_seq_len: int = Field(256, ge=8)
+    search_seq_len: int = Field(128, ge=8)
 
 
 class Analysis(Strict):

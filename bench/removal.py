@@ -1,0 +1,128 @@
+"""Sub-layer removal on the embedded model: quality and speed of similarity / iterative / finercut.
+
+For each method, removes 2, 4 and 8 attention units and 4 units of either kind (first and last
+layer protected), then measures WikiText-2 test perplexity (first 16 windows x 512 tokens) and
+prefill / decode speed against the original, all in one run. Calibration is the embedded text,
+never the evaluation text. Also records the analysis pass's cost for 64 x 512 calibration tokens.
+
+    python bench/removal.py            # writes bench/results/removal.json and removal.md
+    python bench/removal.py --quick    # tiny settings, to check the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from bench.common import command_line, machine, write_results
+from compressor.data import default_evaluation_text
+from compressor.evaluate import evaluate_model
+from compressor.models.sources import load_model
+from compressor.pipeline import analyze, quiet_transformers, removal_search
+from compressor.plan import make_plan
+from compressor.recipe import parse_recipe
+from compressor.report import markdown_table
+from compressor.transforms.prune import remove_units
+
+BUDGETS = ({"attention": 2}, {"attention": 4}, {"attention": 8}, {"any": 4})
+METHODS = ("similarity", "iterative", "finercut")
+
+
+def budget_name(budget: dict) -> str:
+    kind, count = next(iter(budget.items()))
+    return f"{count} {'attention' if kind == 'attention' else 'any-kind'}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings to smoke-test the script")
+    args = parser.parse_args()
+    quiet_transformers()
+    calib = {"samples": 4, "seq_len": 128} if args.quick else {"samples": 64, "seq_len": 512}
+    evaluation = ({"windows": 2, "seq_len": 128, "speed": {"prompt_tokens": 64, "new_tokens": 8, "repeats": 1}}
+                  if args.quick else {"windows": 16, "seq_len": 512,
+                                      "speed": {"prompt_tokens": 512, "new_tokens": 32, "repeats": 3}})
+    search = {"search_samples": 2, "search_seq_len": 64} if args.quick else {"search_samples": 8, "search_seq_len": 128}
+    base = {"name": "bench", "calibration": dict(calib, text="embedded", seed=0), "evaluate": evaluation}
+    eval_text = default_evaluation_text()
+
+    loaded = load_model("embedded", quiet=True)
+    recipe = parse_recipe(base)
+    analysis = analyze(loaded, recipe)
+    cost = dict(analysis["cost"], samples=calib["samples"], seq_len=calib["seq_len"])
+    print(f"analysis pass: {cost['seconds']:.1f} s, peak memory growth {cost['peak_memory_growth_mb']:.0f} MB")
+
+    original = evaluate_model(loaded.model, loaded.tokenizer, recipe.evaluate, eval_text)
+    print(f"original: perplexity {original['perplexity']:.2f}")
+    rows, results = [("original", original)], []
+    calib_windows = None
+    for method in METHODS:
+        for budget in BUDGETS:
+            removal = dict(budget, method=method, protect={"first": 1, "last": 1}, **search)
+            variant = parse_recipe(dict(base, remove=removal))
+            search_seconds = 0.0
+            if method != "similarity":
+                # One greedy search for the largest single-kind budget serves the smaller ones.
+                largest = {"attention": 8} if "attention" in budget else budget
+                wide = parse_recipe(dict(base, remove=removal | {k: 0 for k in budget} | largest))
+                if not any(s["method"] == method and s["quotas"] == {"attention": 0, "mlp": 0, "any": 0, **largest}
+                           for s in analysis["removal_searches"]):
+                    if calib_windows is None:
+                        from compressor.data import calibration_windows
+
+                        c = recipe.calibration
+                        calib_windows = calibration_windows(loaded.tokenizer, c.text, c.samples, c.seq_len, c.seed).input_ids
+                    started = time.perf_counter()
+                    found = removal_search(loaded.model, analysis, wide.remove,
+                                           calib_windows[: search["search_samples"], : search["search_seq_len"]],
+                                           recipe.analysis.batch_size, quiet=False)
+                    found["seconds"] = time.perf_counter() - started
+                    analysis["removal_searches"].append(found)
+                search_seconds = next(s["seconds"] for s in analysis["removal_searches"]
+                                      if s["method"] == method and s["quotas"] == {"attention": 0, "mlp": 0, "any": 0, **largest})
+            plan = make_plan(variant, analysis)
+            model = remove_units(loaded.model, plan)
+            metrics = evaluate_model(model, loaded.tokenizer, variant.evaluate, eval_text)
+            name = f"{method}, {budget_name(budget)}"
+            removed = [f"{u['layer']}.{u['unit']}" for u in plan["removal"]["removed"]]
+            print(f"{name}: perplexity {metrics['perplexity']:.2f}, removed {removed}")
+            rows.append((name, metrics))
+            results.append({"method": method, "budget": budget, "removed": removed, "metrics": metrics,
+                            "search_seconds": search_seconds})
+            del model
+
+    finercut_ok = all(
+        next(r for r in results if r["method"] == "finercut" and r["budget"] == b)["metrics"]["perplexity"]
+        <= next(r for r in results if r["method"] == "similarity" and r["budget"] == b)["metrics"]["perplexity"]
+        for b in BUDGETS)
+    data = {"command": command_line(), "machine": machine(), "evaluation_text": original["perplexity_text"],
+            "calibration": analysis["calibration"], "analysis_cost": cost, "original": original,
+            "variants": results, "finercut_at_least_as_good_as_similarity": finercut_ok,
+            "searches": [{k: s[k] for k in ("method", "quotas", "seconds")} for s in analysis["removal_searches"]]}
+    m = data["machine"]
+    text = [
+        "# Sub-layer removal on the embedded model (SmolLM2-135M-Instruct)", "",
+        f"Command: `{data['command']}`  ",
+        f"Machine: {m['cpu']}, {m['torch_threads']} torch threads, torch {m['torch']}.  ",
+        f"Perplexity: {original['perplexity_text']['source']}, first {original['perplexity_text']['windows']} windows x "
+        f"{original['perplexity_text']['seq_len']} tokens. Calibration: {calib['samples']} x {calib['seq_len']} tokens "
+        f"of the embedded text (seed 0); greedy searches score candidates on {search['search_samples']} x "
+        f"{search['search_seq_len']} of them. Speed: prefill of {evaluation['speed']['prompt_tokens']} tokens and "
+        f"{evaluation['speed']['new_tokens']} greedy new tokens, median of {evaluation['speed']['repeats']}. "
+        "First and last layer protected.", "",
+        markdown_table(rows, original), "",
+        f"Analysis pass ({cost['samples']} x {cost['seq_len']} tokens): {cost['seconds']:.1f} s, "
+        f"peak resident-memory growth {cost['peak_memory_growth_mb']:.0f} MB.  ",
+        "Greedy searches: " + ", ".join(f"{s['method']} {({k: v for k, v in s['quotas'].items() if v})} "
+                                        f"{s['seconds']:.0f} s" for s in data["searches"]) + ".  ",
+        f"finercut at least as good as similarity at every budget: {'yes' if finercut_ok else 'NO'}.", "",
+        "Removed units per variant: " + "; ".join(f"{r['method']} {budget_name(r['budget'])}: {', '.join(r['removed'])}"
+                                                  for r in results), "",
+    ]
+    json_path, md_path = write_results("removal" + ("-quick" if args.quick else ""), data, "\n".join(text))
+    print("\n".join(text))
+    print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()
