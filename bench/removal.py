@@ -12,6 +12,7 @@ never the evaluation text. Also records the analysis pass's cost for 64 x 512 ca
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 from bench.common import command_line, machine, write_results
@@ -23,9 +24,17 @@ from compressor.plan import make_plan
 from compressor.recipe import parse_recipe
 from compressor.report import markdown_table
 from compressor.transforms.prune import remove_units
+from exporters.safetensors import write_model
 
 BUDGETS = ({"attention": 2}, {"attention": 4}, {"attention": 8}, {"any": 4})
 METHODS = ("similarity", "iterative", "finercut")
+
+
+def saved_and_evaluated(model, tokenizer, settings, eval_text: str) -> dict:
+    """Size and speed are measured on the saved model, as for an artifact."""
+    with tempfile.TemporaryDirectory(prefix="bench-removal-") as tmp:
+        write_model(model, None, tmp)
+        return evaluate_model(model, tokenizer, settings, eval_text, tmp, quiet=True)
 
 
 def budget_name(budget: dict) -> str:
@@ -50,9 +59,9 @@ def main() -> None:
     recipe = parse_recipe(base)
     analysis = analyze(loaded, recipe)
     cost = dict(analysis["cost"], samples=calib["samples"], seq_len=calib["seq_len"])
-    print(f"analysis pass: {cost['seconds']:.1f} s, peak memory growth {cost['peak_memory_growth_mb']:.0f} MB")
+    print(f"analysis pass: {cost['seconds']:.1f} s, peak resident memory {cost['peak_rss_mb']:.0f} MB")
 
-    original = evaluate_model(loaded.model, loaded.tokenizer, recipe.evaluate, eval_text)
+    original = saved_and_evaluated(loaded.model, loaded.tokenizer, recipe.evaluate, eval_text)
     print(f"original: perplexity {original['perplexity']:.2f}")
     rows, results = [("original", original)], []
     calib_windows = None
@@ -82,7 +91,7 @@ def main() -> None:
                                       if s["method"] == method and s["quotas"] == {"attention": 0, "mlp": 0, "any": 0, **largest})
             plan = make_plan(variant, analysis)
             model = remove_units(loaded.model, plan)
-            metrics = evaluate_model(model, loaded.tokenizer, variant.evaluate, eval_text)
+            metrics = saved_and_evaluated(model, loaded.tokenizer, variant.evaluate, eval_text)
             name = f"{method}, {budget_name(budget)}"
             removed = [f"{u['layer']}.{u['unit']}" for u in plan["removal"]["removed"]]
             print(f"{name}: perplexity {metrics['perplexity']:.2f}, removed {removed}")
@@ -112,7 +121,8 @@ def main() -> None:
         "First and last layer protected.", "",
         markdown_table(rows, original), "",
         f"Analysis pass ({cost['samples']} x {cost['seq_len']} tokens): {cost['seconds']:.1f} s, "
-        f"peak resident-memory growth {cost['peak_memory_growth_mb']:.0f} MB.  ",
+        f"peak resident memory of the process {cost['peak_rss_mb']:.0f} MB "
+        f"({cost['peak_rss_before_mb']:.0f} MB before the pass, model loaded).  ",
         "Greedy searches: " + ", ".join(f"{s['method']} {({k: v for k, v in s['quotas'].items() if v})} "
                                         f"{s['seconds']:.0f} s" for s in data["searches"]) + ".  ",
         f"finercut at least as good as similarity at every budget: {'yes' if finercut_ok else 'NO'}.", "",

@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     except CompressorError as exc:
         print(f"compress: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
     except KeyboardInterrupt:
         print("compress: interrupted; nothing was written at the destination", file=sys.stderr)
         return 130

@@ -2,14 +2,18 @@
 
 Perplexity uses consecutive non-overlapping windows of the evaluation text (see
 `compressor.data.evaluation_windows`; the window count and length are reported with every figure). Speeds are medians over repeats of one
-run; peak memory is the largest resident-set growth seen while the timed work ran.
+run, measured in a fresh process that loads the saved model (so its peak resident memory is
+what serving that model costs: weights, KV cache, activations and the Python runtime).
 """
 
 from __future__ import annotations
 
+import json
 import math
-import statistics
-import threading
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,45 +35,6 @@ def perplexity(model, windows: torch.Tensor, quiet: bool = False) -> float:
     return math.exp(total_nll / total_tokens)
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-    except OSError:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class PeakMemory:
-    """Samples resident memory in a thread; `peak_growth` is the largest rise above the start."""
-
-    def __init__(self, interval: float = 0.01):
-        self.interval = interval
-        self.start = self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self.start = self.peak = _rss_bytes()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-
-    @property
-    def peak_growth(self) -> int:
-        return self.peak - self.start
-
-
 @torch.no_grad()
 def timed_generation(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """Greedy decoding with the KV cache: (prefill seconds, decode tokens per second)."""
@@ -85,17 +50,18 @@ def timed_generation(model, prompt: torch.Tensor, new_tokens: int) -> tuple[floa
     return t1 - t0, (new_tokens - 1) / max(t2 - t1, 1e-9)
 
 
-def speed(model, prompt: torch.Tensor, new_tokens: int, repeats: int, quiet: bool = False) -> dict:
-    timed_generation(model, prompt[:16], 2)  # warm-up
-    prefill, decode = [], []
-    with PeakMemory() as memory:
-        for _ in progress(range(repeats), "speed", quiet):
-            p, d = timed_generation(model, prompt, new_tokens)
-            prefill.append(p)
-            decode.append(d)
-    return {"prompt_tokens": int(prompt.numel()), "new_tokens": new_tokens, "repeats": repeats,
-            "prefill_seconds": statistics.median(prefill), "decode_tokens_per_second": statistics.median(decode),
-            "peak_memory_growth_mb": memory.peak_growth / 2**20}
+def speed(folder: str | Path, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+    """Prefill / decode speed and peak memory of the model saved in `folder`, in a fresh process."""
+    with tempfile.TemporaryDirectory(prefix="compressor-speed-") as tmp:
+        prompt_file = Path(tmp) / "prompt.pt"
+        torch.save(prompt.clone(), prompt_file)
+        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+        done = subprocess.run([sys.executable, "-m", "compressor.speed_probe", str(folder), str(prompt_file),
+                               str(new_tokens), str(repeats)], capture_output=True, text=True, env=env,
+                              cwd=Path(__file__).resolve().parent.parent)
+    if done.returncode != 0:
+        raise RuntimeError(f"speed probe failed for {folder}: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def parameter_count(model) -> int:
@@ -106,9 +72,8 @@ def folder_size(folder: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
-def evaluate_model(model, tokenizer, settings, eval_text: str, weights_file: str | Path | None = None,
-                   quiet: bool = False) -> dict:
-    """All metrics of one model under the recipe's `evaluate` settings."""
+def evaluate_model(model, tokenizer, settings, eval_text: str, folder: str | Path, quiet: bool = False) -> dict:
+    """All metrics of one model, already saved in `folder`, under the recipe's `evaluate` settings."""
     windows = evaluation_windows(tokenizer, eval_text, settings.windows, settings.seq_len)
     ppl = perplexity(model, windows.input_ids, quiet)
     prompt = windows.input_ids.flatten()[: settings.speed.prompt_tokens]
@@ -116,9 +81,8 @@ def evaluate_model(model, tokenizer, settings, eval_text: str, weights_file: str
         "perplexity": ppl,
         "perplexity_text": windows.record,
         "parameters": parameter_count(model),
-        "speed": speed(model, prompt, settings.speed.new_tokens, settings.speed.repeats, quiet),
+        "speed": speed(folder, prompt, settings.speed.new_tokens, settings.speed.repeats),
         "threads": torch.get_num_threads(),
+        "weights_bytes": (Path(folder) / "model.safetensors").stat().st_size,
     }
-    if weights_file is not None:
-        result["weights_bytes"] = Path(weights_file).stat().st_size
     return result

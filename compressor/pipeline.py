@@ -18,7 +18,7 @@ from compressor.analysis.removal import greedy_removal_order, removal_sensitivit
 from compressor.analysis.render import heatmap
 from compressor.artifact import check_destination, staged_folder, write_json
 from compressor.data import calibration_windows, default_evaluation_text
-from compressor.evaluate import PeakMemory, evaluate_model
+from compressor.evaluate import evaluate_model
 from compressor.models.sources import LoadedModel, load_model
 from compressor.plan import make_plan, removable_candidates, removal_quotas, search_key
 from compressor.recipe import Recipe, load_recipe, recipe_yaml
@@ -41,32 +41,39 @@ def analyze(loaded: LoadedModel, recipe: Recipe, quiet: bool = False) -> dict:
     model, settings = loaded.model, recipe.calibration
     windows = calibration_windows(loaded.tokenizer, settings.text, settings.samples, settings.seq_len, settings.seed)
     started = time.perf_counter()
-    with PeakMemory() as memory:
-        layers = analyze_layers(model, windows.input_ids, recipe.analysis.batch_size, quiet)
-        for entry, stats in zip(layers, weight_statistics(model)):
-            for kind in ("attention", "mlp"):
-                if entry[kind] is not None:
-                    entry[kind].update(stats[kind])
-            entry["zd"] = stats.get("zd")
-        analysis = {"format": ANALYSIS_FORMAT,
-                    "model": dict(loaded.info, num_hidden_layers=model.config.num_hidden_layers,
-                                  hidden_size=model.config.hidden_size, parameters=sum(p.numel() for p in model.parameters())),
-                    "calibration": windows.record, "layers": layers,
-                    "super_weight_candidates": super_weight_candidates(layers), "removal_searches": []}
-        removal = recipe.remove
-        search_windows = None
-        if removal is not None:
-            search_windows = windows.input_ids[: removal.search_samples, : removal.search_seq_len]
-        if recipe.analysis.removal_sensitivity:
-            probe = search_windows if search_windows is not None else windows.input_ids[:8, :256]
-            for (layer, kind), js in removal_sensitivity(model, probe, recipe.analysis.batch_size, quiet).items():
-                layers[layer][kind]["removal_js"] = js
-        if removal is not None and removal.method in ("iterative", "finercut"):
-            analysis["removal_searches"].append(
-                removal_search(model, analysis, removal, search_windows, recipe.analysis.batch_size, quiet))
-    analysis["cost"] = {"seconds": time.perf_counter() - started, "peak_memory_growth_mb": memory.peak_growth / 2**20,
-                        "threads": torch.get_num_threads()}
+    rss_before = peak_rss_mb()
+    layers = analyze_layers(model, windows.input_ids, recipe.analysis.batch_size, quiet)
+    for entry, stats in zip(layers, weight_statistics(model)):
+        for kind in ("attention", "mlp"):
+            if entry[kind] is not None:
+                entry[kind].update(stats[kind])
+        entry["zd"] = stats.get("zd")
+    analysis = {"format": ANALYSIS_FORMAT,
+                "model": dict(loaded.info, num_hidden_layers=model.config.num_hidden_layers,
+                              hidden_size=model.config.hidden_size, parameters=sum(p.numel() for p in model.parameters())),
+                "calibration": windows.record, "layers": layers,
+                "super_weight_candidates": super_weight_candidates(layers), "removal_searches": []}
+    removal = recipe.remove
+    search_windows = None
+    if removal is not None:
+        search_windows = windows.input_ids[: removal.search_samples, : removal.search_seq_len]
+    if recipe.analysis.removal_sensitivity:
+        probe = search_windows if search_windows is not None else windows.input_ids[:8, :256]
+        for (layer, kind), js in removal_sensitivity(model, probe, recipe.analysis.batch_size, quiet).items():
+            layers[layer][kind]["removal_js"] = js
+    if removal is not None and removal.method in ("iterative", "finercut"):
+        analysis["removal_searches"].append(
+            removal_search(model, analysis, removal, search_windows, recipe.analysis.batch_size, quiet))
+    analysis["cost"] = {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
+                        "peak_rss_before_mb": rss_before, "threads": torch.get_num_threads()}
     return analysis
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def removal_search(model, analysis: dict, removal, windows, batch_size: int, quiet: bool) -> dict:
@@ -106,12 +113,12 @@ def evaluation_text(recipe: Recipe) -> str:
 
 
 def original_metrics(loaded: LoadedModel, recipe: Recipe, quiet: bool) -> dict:
-    from exporters.safetensors import MODEL_FILE, write_model
+    """The original model's metrics; it is saved to a temporary folder to measure size and speed."""
+    from exporters.safetensors import write_model
 
     with tempfile.TemporaryDirectory(prefix="compressor-original-") as tmp:
         write_model(loaded.model, None, tmp)
-        return evaluate_model(loaded.model, loaded.tokenizer, recipe.evaluate, evaluation_text(recipe),
-                              Path(tmp) / MODEL_FILE, quiet)
+        return evaluate_model(loaded.model, loaded.tokenizer, recipe.evaluate, evaluation_text(recipe), tmp, quiet)
 
 
 def write_report(folder: Path, name: str, metrics: dict, original: dict | None, plan: dict | None) -> dict:
@@ -124,7 +131,7 @@ def write_report(folder: Path, name: str, metrics: dict, original: dict | None, 
 def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | Path | None = None,
              force: bool = False, quiet: bool = False, log=print) -> Path:
     """Runs every step of a recipe and returns the artifact folder."""
-    from exporters.safetensors import MODEL_FILE, write_model
+    from exporters.safetensors import write_model
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -147,7 +154,7 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
         write_analysis(analysis, staging)
         log("evaluating compressed model")
         metrics = evaluate_model(compressed, loaded.tokenizer, recipe.evaluate, evaluation_text(recipe),
-                                 staging / MODEL_FILE, quiet)
+                                 staging, quiet)
         original = None
         if recipe.evaluate.compare_original:
             log("evaluating original model")
@@ -176,7 +183,6 @@ def evaluate_artifact(folder: Path, recipe_path: str | None, with_original: bool
     """Evaluates an artifact in place and (re)writes its report.json and report.md."""
     from compressor.artifact import read_json
     from compressor.runtime import load
-    from exporters.safetensors import MODEL_FILE
 
     quiet_transformers()
     artifact = load(folder)
@@ -188,7 +194,7 @@ def evaluate_artifact(folder: Path, recipe_path: str | None, with_original: bool
         recipe = Recipe(name=folder.name)
     log(f"evaluating {folder}")
     metrics = evaluate_model(artifact.model, artifact.tokenizer, recipe.evaluate, evaluation_text(recipe),
-                             folder / MODEL_FILE, quiet)
+                             folder, quiet)
     original = None
     plan = read_json(folder / "plan.json", "plan") if (folder / "plan.json").is_file() else None
     source = ((plan or {}).get("model") or {}).get("source")

@@ -14,7 +14,7 @@ COLUMNS = (
     ("perplexity", lambda n, m: f"{m['perplexity']:.2f}"),
     ("prefill s", lambda n, m: f"{m['speed']['prefill_seconds']:.3f}"),
     ("decode tok/s", lambda n, m: f"{m['speed']['decode_tokens_per_second']:.1f}"),
-    ("peak mem MB", lambda n, m: f"{m['speed']['peak_memory_growth_mb']:.0f}"),
+    ("peak RSS MB", lambda n, m: f"{m['speed']['peak_rss_mb']:.0f}"),
 )
 
 
@@ -39,7 +39,7 @@ def evaluation_note(metrics: dict) -> str:
     return (f"Perplexity on {text['source']}, {text['windows']} windows x {text['seq_len']} tokens. "
             f"Speed: prompt of {speed['prompt_tokens']} tokens, {speed['new_tokens']} new tokens, greedy, "
             f"median of {speed['repeats']} repeats on {metrics.get('threads', '?')} threads. "
-            f"Peak memory: resident-set growth during the timed runs.")
+            f"Speed and peak resident memory are measured in a fresh process that loads the saved model.")
 
 
 def artifact_report(name: str, metrics: dict, original: dict | None, plan: dict | None) -> dict:

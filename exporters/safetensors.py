@@ -25,7 +25,7 @@ def write_model(model, tokenizer, folder: str | Path) -> None:
         tokenizer.save_pretrained(folder)
 
 
-def read_model(folder: str | Path):
+def read_model(folder: str | Path, with_tokenizer: bool = True):
     from transformers import AutoTokenizer
 
     from compressor.modeling import CompressedConfig, CompressedForCausalLM
@@ -39,7 +39,7 @@ def read_model(folder: str | Path):
             f"{folder}: config.json model_type is {config_data.get('model_type')!r}, expected "
             f"{CompressedConfig.model_type!r} (an artifact written by this toolkit)")
     model = CompressedForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if with_tokenizer else None
     return model, tokenizer
 
 

@@ -219,13 +219,19 @@ def analyze_layers(model, windows: torch.Tensor, batch_size: int = 4, quiet: boo
 
 
 def super_weight_candidates(layers: list[dict]) -> list[dict]:
-    """Layers whose down_proj writes a massive activation: the super weight sits at the crossing of
-    the input and output spike channels (Yu et al., "The Super Weight in Large Language Models")."""
+    """Layers whose down_proj creates a new massive activation: its output peak is massive, makes up
+    most of the layer's largest activation, and that activation is more than twice anything in the
+    residual stream before the layer. The super weight sits at the crossing of the input and output
+    spike channels (Yu et al., "The Super Weight in Large Language Models")."""
     found = []
+    previous_max = 0.0
     for entry in layers:
         down = (entry.get("mlp") or {}).get("down_proj")
-        if down and down["output_peak"] > MASSIVE_ABSOLUTE:
+        layer_max = entry["max_abs_activation"]
+        if (down and down["output_peak"] > MASSIVE_ABSOLUTE and down["output_peak"] > 0.5 * layer_max
+                and layer_max > 2 * previous_max):
             row, col = down["weight_at_peaks"]
             found.append({"layer": entry["layer"], "row": row, "column": col, "weight": down["weight_value"],
                           "input_peak": down["input_peak"], "output_peak": down["output_peak"]})
+        previous_max = max(previous_max, layer_max)
     return found
