@@ -16,7 +16,7 @@ from compressor.modeling import CompressedConfig, CompressedForCausalLM, KVCache
 from compressor.models.adapters import SUPPORTED_ARCHITECTURES, adapter_for, to_compressed
 from compressor.models.sources import load_model
 from compressor.transforms.prune import remove_units
-from conftest import FAMILIES, build_tiny_hf_model, tiny_config
+from conftest import FAMILIES, build_tiny_hf_model
 
 TOL = 1e-4
 SEQ = 80  # longer than Mistral's sliding window (64), so the window is exercised
