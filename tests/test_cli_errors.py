@@ -153,9 +153,9 @@ def test_interrupted_run_leaves_nothing(capsys, tmp_path, llama, monkeypatch):
 
     seen = {}
 
-    def interrupted(model, tokenizer, settings, text, model_file, quiet=False):
-        seen["staging"] = Path(model_file).parent
-        seen["staging_existed"] = Path(model_file).parent.is_dir()
+    def interrupted(model, tokenizer, settings, text, folder, quiet=False):
+        seen["staging"] = Path(folder)
+        seen["staging_existed"] = Path(folder).is_dir()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "evaluate_model", interrupted)
