@@ -54,6 +54,9 @@ def main() -> None:
     search = {"search_samples": 2, "search_seq_len": 64} if args.quick else {"search_samples": 8, "search_seq_len": 128}
     base = {"name": "bench", "calibration": dict(calib, text="embedded", seed=0), "evaluate": evaluation}
     eval_text = default_evaluation_text()
+    if eval_text == "embedded" and not args.quick:
+        raise SystemExit("bench/removal.py: WikiText-2 test not found; put shared/data/wikitext-2-raw/wiki.test.raw "
+                         "beside the project or set COMPRESSOR_EVAL_TEXT to that file")
 
     loaded = load_model("embedded", quiet=True)
     recipe = parse_recipe(base)

@@ -113,9 +113,8 @@ def run(argv: list[str]) -> int:
         out = pipeline.apply_plan_to_source(plan, args.model, args.out, args.force, args.quiet)
         print(f"artifact: {out} (evaluate it with: compress eval {out})")
     elif command == "eval":
-        report = pipeline.evaluate_artifact(Path(args.folder), args.recipe, not args.no_original, args.quiet, log)
+        pipeline.evaluate_artifact(Path(args.folder), args.recipe, not args.no_original, args.quiet, log)
         print((Path(args.folder) / "report.md").read_text())
-        del report
     elif command == "report":
         print(compare(args.folders))
     return 0

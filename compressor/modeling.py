@@ -362,3 +362,17 @@ class CompressedForCausalLM(CompressedPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+
+
+def build_with_weights(config: CompressedConfig, state: dict, origin: str) -> CompressedForCausalLM:
+    """A model of `config` holding the given tensors (no copy, no random initialization)."""
+    from compressor.errors import CompressorError
+
+    with torch.device("meta"):
+        model = CompressedForCausalLM(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise CompressorError(f"weights missing after {origin}: {missing[:5]}")
+    return model.eval()

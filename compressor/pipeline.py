@@ -138,7 +138,8 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
     quiet_transformers()
     out = check_destination(out or Path("out") / recipe.name, force)
     source = model or recipe.model
-    log(f"loading model: {source}")
+    log(f"loading model: {source}" + (" (the first use converts the embedded GGUF file: about 20 s)"
+                                      if source == "embedded" else ""))
     loaded = load_model(source, quiet=True)
     log(f"analyzing: {recipe.calibration.samples} calibration windows x {recipe.calibration.seq_len} tokens "
         f"from '{recipe.calibration.text}'")
@@ -186,12 +187,9 @@ def evaluate_artifact(folder: Path, recipe_path: str | None, with_original: bool
 
     quiet_transformers()
     artifact = load(folder)
-    if recipe_path:
-        recipe = load_recipe(recipe_path)
-    elif (folder / "recipe.yaml").is_file():
-        recipe = load_recipe(folder / "recipe.yaml")
-    else:
-        recipe = Recipe(name=folder.name)
+    saved_recipe = folder / "recipe.yaml"
+    recipe_path = recipe_path or (saved_recipe if saved_recipe.is_file() else None)
+    recipe = load_recipe(recipe_path) if recipe_path else Recipe(name=folder.name)
     log(f"evaluating {folder}")
     metrics = evaluate_model(artifact.model, artifact.tokenizer, recipe.evaluate, evaluation_text(recipe),
                              folder, quiet)
@@ -201,5 +199,4 @@ def evaluate_artifact(folder: Path, recipe_path: str | None, with_original: bool
     if with_original and source:
         log(f"evaluating original model: {source}")
         original = original_metrics(load_model(source, quiet=True), recipe, quiet)
-    return write_report(folder, recipe.name if recipe_path or (folder / "recipe.yaml").is_file() else folder.name,
-                        metrics, original, plan)
+    return write_report(folder, recipe.name, metrics, original, plan)

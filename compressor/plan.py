@@ -163,11 +163,6 @@ def save_plan(plan: dict, path: str | Path) -> None:
 
 
 def load_plan(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CompressorError(f"plan not found: {path}")
-    try:
-        plan = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CompressorError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    return validate_plan(plan, str(path))
+    from compressor.artifact import read_json
+
+    return validate_plan(read_json(Path(path), "plan"), str(path))

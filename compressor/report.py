@@ -43,8 +43,8 @@ def evaluation_note(metrics: dict) -> str:
 
 
 def artifact_report(name: str, metrics: dict, original: dict | None, plan: dict | None) -> dict:
-    return {"name": name, "compressed": metrics, "original": original,
-            "removed_units": (plan or {}).get("removal", {}) and plan["removal"]["removed"]}
+    removal = (plan or {}).get("removal") or {}
+    return {"name": name, "compressed": metrics, "original": original, "removed_units": removal.get("removed", [])}
 
 
 def report_markdown(report: dict) -> str:

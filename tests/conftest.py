@@ -26,6 +26,15 @@ def _quiet_and_isolated(tmp_path_factory):
     os.environ.setdefault("COMPRESSOR_CACHE", str(Path.home() / ".cache" / "compressor"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices: one thread is faster and immune to other processes competing for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
     """A byte-level BPE tokenizer (vocab 512) trained on the embedded text, saved and reloaded."""

@@ -29,13 +29,7 @@ DEAD_ATTENTION_LAYER = 3  # o_proj zeroed: the unit is a no-op
 SUPER_LAYER, SUPER_ROW, SUPER_COLUMN, SUPER_VALUE = 2, 5, 7, 500.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread is faster and immune to other processes competing for the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def windows(samples: int = 6, seq_len: int = 32, seed: int = 0) -> torch.Tensor:

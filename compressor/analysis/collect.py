@@ -66,11 +66,11 @@ class _LayerAccumulator:
         self.massive_top: list = []  # min-heap of (value, sample, position, channel, ratio)
         self.sink_mass = 0.0
         self.sink_rows = 0
-        self.down_in = (0.0, -1, -1)  # value, channel, (sample, position) folded below
-        self.down_in_where = (-1, -1)
-        self.down_out = (0.0, -1)
+        self.down_in = (0.0, -1)  # largest down_proj input |x|: value, channel
+        self.down_in_where = (-1, -1)  # sample, position
+        self.down_out = (0.0, -1)  # largest down_proj output |y|: value, channel
         self.down_out_where = (-1, -1)
-        self.down_pair = None  # (in_channel at the token of the output peak)
+        self.down_pair = None  # the input channel peaking at the token of the output peak
 
 
 def _cos_sum(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,8 +101,7 @@ def analyze_layers(model, windows: torch.Tensor, batch_size: int = 4, quiet: boo
 
     def mlp_hook(index):
         def hook(module, args, output):
-            layer = layers[index]
-            x = state["mids"].get(index, state["inputs"][index]) if layer.self_attn is not None else state["inputs"][index]
+            x = state["mids"].get(index, state["inputs"][index])  # no attention output: the layer input
             acc[index].mlp_cos += _cos_sum(x, x + output)
         return hook
 
@@ -115,7 +114,7 @@ def analyze_layers(model, windows: torch.Tensor, batch_size: int = 4, quiet: boo
                 yv, yi = y[b].max(-1)
                 t_in = int(xv.argmax())
                 if float(xv[t_in]) > a.down_in[0]:
-                    a.down_in = (float(xv[t_in]), int(xi[t_in]), 0)
+                    a.down_in = (float(xv[t_in]), int(xi[t_in]))
                     a.down_in_where = (state["sample"] + b, t_in)
                 t_out = int(yv.argmax())
                 if float(yv[t_out]) > a.down_out[0]:

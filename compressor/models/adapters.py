@@ -1,9 +1,11 @@
 """Architecture adapters: the only place that knows model families.
 
 An adapter turns a transformers model of its family into the toolkit's `CompressedForCausalLM`
-(config fields and weight names) and exposes the parts every other module works with: decoder
-layers, their attention and MLP units, norms and linears. Llama, Mistral, Qwen2, Qwen3 and SmolLM
-(a Llama) share one adapter, since they share the weight layout.
+(config fields and weight names). Everything downstream (analysis, planning, removal, export) works
+on that one model class, whose decoder layers expose `self_attn` / `mlp` units (either may be
+absent), their norms, and the linears named in ATTENTION_LINEARS and MLP_LINEARS. Llama, Mistral,
+Qwen2, Qwen3 and SmolLM (a Llama) share one adapter, since they share the weight layout; another
+family is added as one more adapter here.
 """
 
 from __future__ import annotations
@@ -11,10 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from compressor.errors import CompressorError
-from compressor.modeling import CompressedConfig, CompressedForCausalLM
+from compressor.modeling import CompressedConfig, CompressedForCausalLM, build_with_weights
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -80,30 +81,6 @@ class LlamaFamilyAdapter:
             out.pop("lm_head.weight", None)
         return out
 
-    # Accessors, valid for both the family's transformers model and CompressedForCausalLM.
-    def layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
-
-    def attention(self, layer: nn.Module) -> nn.Module | None:
-        return layer.self_attn
-
-    def mlp(self, layer: nn.Module) -> nn.Module | None:
-        return layer.mlp
-
-    def attention_norm(self, layer: nn.Module) -> nn.Module | None:
-        return layer.input_layernorm
-
-    def mlp_norm(self, layer: nn.Module) -> nn.Module | None:
-        return layer.post_attention_layernorm
-
-    def linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
-        found = {}
-        for unit, names in ((layer.self_attn, ATTENTION_LINEARS), (layer.mlp, MLP_LINEARS)):
-            if unit is not None:
-                for name in names:
-                    found[f"{'self_attn' if names is ATTENTION_LINEARS else 'mlp'}.{name}"] = getattr(unit, name)
-        return found
-
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -127,16 +104,9 @@ def adapter_for(hf_config) -> LlamaFamilyAdapter:
     )
 
 
-def to_compressed(hf_model: nn.Module) -> CompressedForCausalLM:
+def to_compressed(hf_model: torch.nn.Module) -> CompressedForCausalLM:
     """The family model rebuilt as an uncompressed CompressedForCausalLM with the same weights."""
     adapter = adapter_for(hf_model.config)
     config = adapter.compressed_config(hf_model.config)
-    with torch.device("meta"):
-        model = CompressedForCausalLM(config)
     state = {k: v.float() for k, v in adapter.convert_state_dict(hf_model.state_dict(), config).items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise CompressorError(f"weights missing after conversion from {adapter.architecture}: {missing[:5]}")
-    return model.eval()
+    return build_with_weights(config, state, f"conversion from {adapter.architecture}")

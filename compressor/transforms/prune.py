@@ -6,10 +6,8 @@ their modules, weights and KV-cache slots do not exist.
 
 from __future__ import annotations
 
-import torch
-
 from compressor.errors import CompressorError
-from compressor.modeling import CompressedConfig, CompressedForCausalLM
+from compressor.modeling import CompressedConfig, CompressedForCausalLM, build_with_weights
 from compressor.plan import block_configs
 
 
@@ -24,13 +22,5 @@ def remove_units(model: CompressedForCausalLM, plan: dict) -> CompressedForCausa
                 raise CompressorError(f"plan keeps layers[{i}].{kind} but the model has no such unit")
     config_dict["block_configs"] = block_configs(plan)
     config = CompressedConfig(**{k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")})
-    with torch.device("meta"):
-        pruned = CompressedForCausalLM(config)
-    wanted = set(pruned.state_dict())
-    state = {k: v for k, v in model.state_dict().items() if k in wanted}
-    pruned.load_state_dict(state, strict=False, assign=True)
-    pruned.tie_weights()
-    leftover = [n for n, p in pruned.named_parameters() if p.is_meta]
-    if leftover:
-        raise CompressorError(f"weights missing after removal: {leftover[:5]}")
-    return pruned.eval()
+    # Tensors of removed units are simply not taken (load ignores keys the new model lacks).
+    return build_with_weights(config, model.state_dict(), "removal")
