@@ -50,7 +50,7 @@ def main() -> None:
     calib = {"samples": 4, "seq_len": 128} if args.quick else {"samples": 64, "seq_len": 512}
     evaluation = ({"windows": 2, "seq_len": 128, "speed": {"prompt_tokens": 64, "new_tokens": 8, "repeats": 1}}
                   if args.quick else {"windows": 16, "seq_len": 512,
-                                      "speed": {"prompt_tokens": 512, "new_tokens": 32, "repeats": 3}})
+                                      "speed": {"prompt_tokens": 512, "new_tokens": 32, "repeats": 5}})
     search = {"search_samples": 2, "search_seq_len": 64} if args.quick else {"search_samples": 8, "search_seq_len": 128}
     base = {"name": "bench", "calibration": dict(calib, text="embedded", seed=0), "evaluate": evaluation}
     eval_text = default_evaluation_text()
