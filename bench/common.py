@@ -27,7 +27,11 @@ def machine() -> dict:
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+    """How the script was started, as `python -m bench.NAME ARGS` (no machine paths)."""
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    name = spec.name if spec is not None else f"bench.{Path(sys.argv[0]).stem}"
+    return " ".join(shlex.quote(a) for a in ["python", "-m", name, *sys.argv[1:]])
 
 
 def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:

@@ -68,7 +68,7 @@ def run(argv: list[str]) -> int:
     from compressor.artifact import read_json, staged_folder, write_json
     from compressor.models.sources import load_model
     from compressor.plan import load_plan, make_plan, save_plan
-    from compressor.recipe import Recipe, load_recipe
+    from compressor.recipe import Recipe, load_recipe, parse_recipe
     from compressor.report import compare
 
     if argv and argv[0] in SUBCOMMANDS:
@@ -83,12 +83,11 @@ def run(argv: list[str]) -> int:
         print(f"artifact: {out}")
     elif command == "analyze":
         recipe = load_recipe(args.recipe) if args.recipe else Recipe()
-        overrides = {k: v for k, v in (("text", args.text), ("samples", args.samples), ("seq_len", args.seq_len)) if v}
-        recipe = recipe.model_copy(update={
-            "calibration": recipe.calibration.model_copy(update=overrides),
-            "analysis": recipe.analysis.model_copy(update={"removal_sensitivity": args.sensitivity or recipe.analysis.removal_sensitivity}),
-        })
-        Recipe.model_validate(recipe.model_dump())
+        overrides = {k: v for k, v in (("text", args.text), ("samples", args.samples), ("seq_len", args.seq_len)) if v is not None}
+        data = recipe.model_dump()
+        data["calibration"].update(overrides)
+        data["analysis"]["removal_sensitivity"] |= args.sensitivity
+        recipe = parse_recipe(data, "command line")  # validates the overrides too
         pipeline.quiet_transformers()
         from compressor.artifact import check_destination
 

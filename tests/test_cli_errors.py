@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,27 @@ def test_missing_recipe_in_a_subprocess(tmp_path):
     assert result.stdout == ""
     assert result.stderr.splitlines() == [f"compress: error: recipe not found: {missing}"]
     assert not (tmp_path / "out").exists()
+
+
+def test_analyze_rejects_invalid_overrides(capsys, tmp_path, llama):
+    out = tmp_path / "analysis"
+    code, stdout, err = run_cli(capsys, ["analyze", "--model", llama, "--out", out, "--samples", "0", "--quiet"])
+    assert code == 2
+    line = assert_one_error_line(err)
+    assert line.startswith("compress: error: command line: calibration.samples:")
+    assert "greater than or equal to 1" in line and "(got 0)" in line
+    assert not out.exists()
+
+
+def test_analyze_writes_table_heatmap_and_json(capsys, tmp_path, llama):
+    out = tmp_path / "analysis"
+    code, stdout, err = run_cli(capsys, ["analyze", "--model", llama, "--out", out, "--samples", "2",
+                                         "--seq-len", "32", "--sensitivity", "--quiet"])
+    assert code == 0, err
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert analysis["calibration"]["samples"] == 2 and analysis["calibration"]["seq_len"] == 32
+    assert len(analysis["layers"]) == 6
+    assert all(entry["attention"]["removal_js"] >= 0 for entry in analysis["layers"])
+    assert (out / "analysis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table_rows = [line for line in stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(row.split()[0]) for row in table_rows] == list(range(6))
