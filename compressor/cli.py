@@ -65,7 +65,7 @@ def _log(quiet: bool):
 def run(argv: list[str]) -> int:
     from compressor import pipeline
     from compressor.analysis.render import layer_table
-    from compressor.artifact import read_json, staged_folder, write_json
+    from compressor.artifact import read_json, staged_folder
     from compressor.models.sources import load_model
     from compressor.plan import load_plan, make_plan, save_plan
     from compressor.recipe import Recipe, load_recipe, parse_recipe

@@ -17,7 +17,6 @@ import torch
 from compressor.modeling import causal_mask
 from compressor.progress import progress
 
-UNIT_KINDS = ("attention", "mlp")
 
 
 def _unit_flag(kind: str) -> str:
