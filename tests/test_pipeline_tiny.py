@@ -287,3 +287,27 @@ def test_report_compares_artifacts_with_an_original_row(artifacts, capsys):
     assert cli_main(["report", str(first), str(second)]) == 0
     printed = capsys.readouterr().out
     assert "| original |" in printed and "| llama-similarity |" in printed and "| llama-finercut |" in printed
+
+
+def test_an_artifact_can_be_compressed_further(tiny_model_folder, tmp_path):
+    first = compress(parse_recipe({"name": "first", "calibration": {"samples": 2, "seq_len": 32},
+                                   "remove": {"method": "similarity", "attention": 1},
+                                   "evaluate": {"text": "embedded", "windows": 1, "seq_len": 32,
+                                                "speed": {"prompt_tokens": 8, "new_tokens": 2, "repeats": 1},
+                                                "compare_original": False}}),
+                     str(tiny_model_folder["llama"]), tmp_path / "first", quiet=True, log=lambda m: None)
+    second = compress(parse_recipe({"name": "second", "calibration": {"samples": 2, "seq_len": 32},
+                                    "remove": {"method": "similarity", "mlp": 1},
+                                    "evaluate": {"text": "embedded", "windows": 1, "seq_len": 32,
+                                                 "speed": {"prompt_tokens": 8, "new_tokens": 2, "repeats": 1},
+                                                 "compare_original": False}}),
+                      str(first), tmp_path / "second", quiet=True, log=lambda m: None)
+    first_plan = json.loads((first / "plan.json").read_text())
+    second_plan = json.loads((second / "plan.json").read_text())
+    gone = [u["layer"] for u in first_plan["removal"]["removed"]]
+    # The attention removed by the first run stays absent; the second run removes one MLP more.
+    assert [second_plan["layers"][i]["attention"] for i in gone] == ["absent"]
+    assert [u["unit"] for u in second_plan["removal"]["removed"]] == ["mlp"]
+    config = json.loads((second / "config.json").read_text())
+    assert sum(b["attention"]["no_op"] for b in config["block_configs"]) == 1
+    assert sum(b["ffn"]["no_op"] for b in config["block_configs"]) == 1

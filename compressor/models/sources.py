@@ -96,6 +96,14 @@ def _check_supported(config_path: Path, source: str):
 def _load_folder(path: Path, info: dict) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from compressor.modeling import CompressedConfig
+
+    if json.loads((path / "config.json").read_text()).get("model_type") == CompressedConfig.model_type:
+        # An artifact of this toolkit: keep its block_configs (compress it further).
+        from exporters.safetensors import read_model
+
+        model, tokenizer = read_model(path)
+        return LoadedModel(model, tokenizer, dict(info, architecture=model.config.source_architecture))
     _check_supported(path / "config.json", str(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
