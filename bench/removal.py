@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from bench.common import command_line, machine, write_results
-from compressor.data import default_evaluation_text
+from compressor.data import calibration_windows, default_evaluation_text
 from compressor.evaluate import evaluate_model
 from compressor.models.sources import load_model
 from compressor.pipeline import analyze, quiet_transformers, removal_search
@@ -67,31 +67,27 @@ def main() -> None:
     original = saved_and_evaluated(loaded.model, loaded.tokenizer, recipe.evaluate, eval_text)
     print(f"original: perplexity {original['perplexity']:.2f}")
     rows, results = [("original", original)], []
-    calib_windows = None
+    c = recipe.calibration
+    search_windows = calibration_windows(loaded.tokenizer, c.text, c.samples, c.seq_len, c.seed).input_ids[
+        : search["search_samples"], : search["search_seq_len"]]
+    searches = {}  # (method, kind) -> search; one greedy search for the largest budget serves smaller ones
     for method in METHODS:
         for budget in BUDGETS:
             removal = dict(budget, method=method, protect={"first": 1, "last": 1}, **search)
             variant = parse_recipe(dict(base, remove=removal))
             search_seconds = 0.0
             if method != "similarity":
-                # One greedy search for the largest single-kind budget serves the smaller ones.
-                largest = {"attention": 8} if "attention" in budget else budget
-                wide = parse_recipe(dict(base, remove=removal | {k: 0 for k in budget} | largest))
-                if not any(s["method"] == method and s["quotas"] == {"attention": 0, "mlp": 0, "any": 0, **largest}
-                           for s in analysis["removal_searches"]):
-                    if calib_windows is None:
-                        from compressor.data import calibration_windows
-
-                        c = recipe.calibration
-                        calib_windows = calibration_windows(loaded.tokenizer, c.text, c.samples, c.seq_len, c.seed).input_ids
+                kind = next(iter(budget))
+                if (method, kind) not in searches:
+                    largest = {"attention": 8} if kind == "attention" else budget
+                    wide = parse_recipe(dict(base, remove=removal | largest))
                     started = time.perf_counter()
-                    found = removal_search(loaded.model, analysis, wide.remove,
-                                           calib_windows[: search["search_samples"], : search["search_seq_len"]],
+                    found = removal_search(loaded.model, analysis, wide.remove, search_windows,
                                            recipe.analysis.batch_size, quiet=False)
                     found["seconds"] = time.perf_counter() - started
                     analysis["removal_searches"].append(found)
-                search_seconds = next(s["seconds"] for s in analysis["removal_searches"]
-                                      if s["method"] == method and s["quotas"] == {"attention": 0, "mlp": 0, "any": 0, **largest})
+                    searches[(method, kind)] = found
+                search_seconds = searches[(method, kind)]["seconds"]
             plan = make_plan(variant, analysis)
             model = remove_units(loaded.model, plan)
             metrics = saved_and_evaluated(model, loaded.tokenizer, variant.evaluate, eval_text)

@@ -14,7 +14,6 @@ import contextlib
 
 import torch
 
-from compressor.modeling import causal_mask
 from compressor.progress import progress
 
 
@@ -107,26 +106,38 @@ def removal_sensitivity(model, windows: torch.Tensor, batch_size: int = 4, quiet
 
 @torch.no_grad()
 def analyze_layers_light(model, windows, batch_size) -> list[dict]:
-    """Redundancy only (mean token cosine of each enabled unit's input and output)."""
+    """Redundancy only: mean token cosine of each enabled unit's residual input and output,
+    from hooks on the model's own forward (no attention probabilities, so SDPA stays fast)."""
     layers = model.model.layers
     sums = [{"attention": 0.0, "mlp": 0.0} for _ in layers]
+    residual = {}
+
+    def layer_input(index):
+        def hook(module, args):
+            residual[index] = args[0]
+        return hook
+
+    def unit_output(index, kind):
+        def hook(module, args, output):
+            x = residual[index]
+            residual[index] = x + output  # the next unit of this layer reads this residual
+            sums[index][kind] += float(torch.nn.functional.cosine_similarity(x, residual[index], dim=-1).sum())
+        return hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(layer_input(i)))
+        for kind, unit in (("attention", layer.self_attn), ("mlp", layer.mlp)):
+            if unit is not None:
+                handles.append(unit.register_forward_hook(unit_output(i, kind)))
     tokens = 0
-    for batch in windows.split(batch_size):
-        h = model.model.embed_tokens(batch)
-        b, t = batch.shape
-        positions = torch.arange(t)[None].expand(b, t)
-        cos, sin = model.model.rotary(positions, h.dtype)
-        mask = causal_mask(None, t, h.device)
-        for i, layer in enumerate(layers):
-            if layer.self_attn is not None and layer.attention_enabled:
-                out = h + layer.self_attn(layer.input_layernorm(h), cos, sin, mask, None)
-                sums[i]["attention"] += float(torch.nn.functional.cosine_similarity(h, out, dim=-1).sum())
-                h = out
-            if layer.mlp is not None and layer.mlp_enabled:
-                out = h + layer.mlp(layer.post_attention_layernorm(h))
-                sums[i]["mlp"] += float(torch.nn.functional.cosine_similarity(h, out, dim=-1).sum())
-                h = out
-        tokens += b * t
+    try:
+        for batch in windows.split(batch_size):
+            model.model(batch)
+            tokens += batch.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
     return [{k: v / tokens for k, v in s.items()} for s in sums]
 
 
