@@ -30,7 +30,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.removal
+	$(BIN)/python -m bench.quantization
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

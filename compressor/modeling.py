@@ -44,6 +44,7 @@ class CompressedConfig(PretrainedConfig):
         hidden_act: str = "silu",
         block_configs: list | None = None,
         source_architecture: str | None = None,
+        exact_weights: dict | None = None,
         tie_word_embeddings: bool = True,
         **kwargs,
     ):
@@ -74,6 +75,8 @@ class CompressedConfig(PretrainedConfig):
             )
         self.block_configs = block_configs
         self.source_architecture = source_architecture
+        # Module name -> count of weights kept exactly beside a quantized matrix (see exact_index).
+        self.exact_weights = exact_weights
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def has_attention(self, layer: int) -> bool:
@@ -336,13 +339,33 @@ def causal_mask(attention_mask, queries: int, device):
 
 
 class CompressedForCausalLM(CompressedPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    """A tied output head is not a module: logits use the embedding matrix itself, so a quantized
+    embedding (stored packed, with no `weight` until it is unpacked) serves both ends unchanged."""
 
     def __init__(self, config: CompressedConfig):
         super().__init__(config)
         self.model = CompressedModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        tied = config.tie_word_embeddings
+        self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        for name, count in (getattr(config, "exact_weights", None) or {}).items():
+            linear = self.get_submodule(name)
+            linear.register_buffer("exact_index", torch.zeros(count, dtype=torch.int64))
+            linear.register_buffer("exact_value", torch.zeros(count, dtype=torch.float32))
+        self._exact_weights_restored = False
         self.post_init()
+
+    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight)
+
+    @torch.no_grad()
+    def restore_exact_weights(self) -> None:
+        """Writes the weights kept exactly (super weights stored apart from a quantized matrix) back
+        into their dequantized matrices. Runs on the first forward, after any unpacking."""
+        for name in getattr(self.config, "exact_weights", None) or {}:
+            linear = self.get_submodule(name)
+            linear.weight.view(-1)[linear.exact_index] = linear.exact_value.to(linear.weight.dtype)
+        self._exact_weights_restored = True
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -352,12 +375,14 @@ class CompressedForCausalLM(CompressedPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=None, labels=None, inputs_embeds=None, logits_to_keep: int = 0, **kwargs):
+        if not self._exact_weights_restored:
+            self.restore_exact_weights()
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         h = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
+        logits = self.output_logits(h)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)

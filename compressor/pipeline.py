@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from compressor.analysis.collect import analyze_layers, super_weight_candidates, weight_statistics
+from compressor.analysis.quantization import quantization_inventory, quantization_sensitivity
 from compressor.analysis.removal import greedy_removal_order, removal_sensitivity
 from compressor.analysis.render import heatmap
 from compressor.artifact import check_destination, staged_folder, write_json
@@ -64,9 +65,46 @@ def analyze(loaded: LoadedModel, recipe: Recipe, quiet: bool = False) -> dict:
     if removal is not None and removal.method in ("iterative", "finercut"):
         analysis["removal_searches"].append(
             removal_search(model, analysis, removal, search_windows, recipe.analysis.batch_size, quiet))
+    if recipe.quantize is not None:
+        # Measured on the model the quantizer will see: after the plan's removals.
+        after_removal = remove_units(model, make_plan(recipe, analysis))
+        analysis["quantization"] = quantization_analysis(after_removal, recipe, windows.input_ids, quiet)
     analysis["cost"] = {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
                         "peak_rss_before_mb": rss_before, "threads": torch.get_num_threads()}
     return analysis
+
+
+def quantization_analysis(model, recipe: Recipe, calibration: torch.Tensor, quiet: bool) -> dict:
+    inventory = quantization_inventory(model)
+    if recipe.quantize.allocate == "sensitivity":
+        inventory["sensitivity"] = quantization_sensitivity(model, recipe.quantize, calibration,
+                                                            recipe.analysis.batch_size, quiet)
+    return inventory
+
+
+def apply_quantization(model, tokenizer, plan: dict, quiet: bool = False) -> dict:
+    """Quantizes `model` in place as the plan says; returns the codes (module name -> QuantizedWeight)."""
+    from compressor.transforms.quantize import QuantFormat
+    from compressor.transforms.quantize_model import quantize_model
+
+    spec = plan["quantization"]
+    formats = {name: QuantFormat(r["bits"], r["group_size"], r["symmetric"]) for name, r in spec["linears"].items()}
+    keep_exact = {}
+    for item in spec.get("exact_weights", []):
+        weight = model.get_submodule(item["module"]).weight
+        mask = keep_exact.setdefault(item["module"], torch.zeros(weight.shape, dtype=torch.bool))
+        mask[item["row"], item["column"]] = True
+    embedding = spec["embedding"]
+    embedding_format = None if embedding["bits"] == "keep" else QuantFormat(
+        embedding["bits"], embedding["group_size"], embedding["symmetric"])
+    calibration = None
+    if spec["method"] == "gptq":
+        settings = spec["calibration"]
+        calibration = calibration_windows(tokenizer, settings["text"], settings["samples"],
+                                          settings["seq_len"], settings["seed"]).input_ids
+    return quantize_model(model, formats, spec["method"], calibration, damp=spec["damp"], act_order=spec["act_order"],
+                          keep_exact=keep_exact, embedding=embedding_format,
+                          token_weighting=spec.get("hessian_tokens", "equal"), quiet=quiet)
 
 
 def peak_rss_mb() -> float:
@@ -148,8 +186,12 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
     removed = (plan.get("removal") or {}).get("removed", [])
     log(f"plan: remove {len(removed)} units" + (": " + ", ".join(f"{u['layer']}.{u['unit']}" for u in removed) if removed else ""))
     compressed = remove_units(loaded.model, plan)
+    quantized = None
+    if plan.get("quantization"):
+        log(quantization_summary(plan["quantization"]))
+        quantized = apply_quantization(compressed, loaded.tokenizer, plan, quiet)
     with staged_folder(out, force) as staging:
-        write_model(compressed, loaded.tokenizer, staging)
+        write_model(compressed, loaded.tokenizer, staging, quantized)
         (staging / "recipe.yaml").write_text(recipe_yaml(recipe))
         write_json(staging / "plan.json", plan)
         write_analysis(analysis, staging)
@@ -164,6 +206,18 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
     return out
 
 
+def quantization_summary(spec: dict) -> str:
+    counts: dict[int, int] = {}
+    for unit in spec["units"]:
+        counts[unit["bits"]] = counts.get(unit["bits"], 0) + 1
+    widths = ", ".join(f"{n} x {b}-bit" for b, n in sorted(counts.items()))
+    budget = spec["budget"]
+    embedding = spec["embedding"]["bits"]
+    return (f"plan: quantize ({spec['method']}, allocate by {spec['allocate']}): {widths}; "
+            f"{budget['avg_bits']:.3f} bits per linear weight, embedding {embedding}, "
+            f"{len(spec['exact_weights'])} weights kept exact; predicted {spec['predicted_tensor_bytes'] / 1e6:.1f} MB")
+
+
 def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, quiet: bool = False) -> Path:
     from exporters.safetensors import write_model
 
@@ -171,8 +225,9 @@ def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, 
     out = check_destination(out, force)
     loaded = load_model(source, quiet=True)
     compressed = remove_units(loaded.model, plan)
+    quantized = apply_quantization(compressed, loaded.tokenizer, plan, quiet) if plan.get("quantization") else None
     with staged_folder(out, force) as staging:
-        write_model(compressed, loaded.tokenizer, staging)
+        write_model(compressed, loaded.tokenizer, staging, quantized)
         write_json(staging / "plan.json", dict(plan, model=dict(plan.get("model") or {}, source=source)))
     return out
 

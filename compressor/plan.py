@@ -17,8 +17,10 @@ import json
 import math
 from pathlib import Path
 
+from compressor.bit_allocation import allocation_units, option_costs, solve_knapsack, unit_bytes
 from compressor.errors import CompressorError
-from compressor.recipe import Recipe, Removal
+from compressor.recipe import Quantize, Recipe, Removal
+from compressor.transforms.quantize import QuantFormat, exact_bytes, stored_bytes
 
 PLAN_FORMAT = "compressor-plan/1"
 UNIT_KINDS = ("attention", "mlp")
@@ -106,9 +108,22 @@ def make_plan(recipe: Recipe, analysis: dict) -> dict:
                   "mlp": "keep" if e.get("mlp") else "absent", "notes": ""} for e in layers]
     plan = {"format": PLAN_FORMAT, "recipe": recipe.name, "model": analysis.get("model", {}),
             "num_hidden_layers": num_layers, "removal": None, "layers": decisions}
-    removal = recipe.remove
-    if removal is None:
-        return plan
+    if recipe.remove is not None:
+        plan_removal(recipe.remove, analysis, plan)
+    if recipe.quantize is not None and not quantization_pending(analysis):
+        plan["quantization"] = dict(plan_quantization(recipe.quantize, analysis),
+                                    calibration=recipe.calibration.model_dump())
+        for unit in plan["quantization"]["units"]:
+            kinds = UNIT_KINDS if unit["unit"] is None else (unit["unit"],)
+            bits = decisions[unit["layer"]].setdefault("bits", {})
+            bits.update({kind: unit["bits"] for kind in kinds if decisions[unit["layer"]][kind] == "keep"})
+    return plan
+
+
+def plan_removal(removal: Removal, analysis: dict, plan: dict) -> None:
+    layers = analysis["layers"]
+    num_layers = len(layers)
+    decisions = plan["layers"]
     quotas = removal_quotas(removal, num_layers)
     candidates = removable_candidates(analysis, removal.protect)
     check_budget(quotas, candidates, num_layers, removal.protect)
@@ -137,7 +152,6 @@ def make_plan(recipe: Recipe, analysis: dict) -> dict:
         decisions[unit[0]]["notes"] = "; ".join(filter(None, [decisions[unit[0]]["notes"], reasons[unit]]))
     plan["removal"] = {"method": removal.method, "quotas": quotas, "protect": removal.protect.model_dump(),
                        "removed": [{"layer": u[0], "unit": u[1]} for u in chosen]}
-    return plan
 
 
 def block_configs(plan: dict) -> list[dict]:
@@ -166,3 +180,129 @@ def load_plan(path: str | Path) -> dict:
     from compressor.artifact import read_json
 
     return validate_plan(read_json(Path(path), "plan"), str(path))
+
+
+def quantization_pending(analysis: dict) -> bool:
+    """True while the analysis lacks the quantization inventory (it is measured on the model after
+    removal, so the pipeline plans removal first); the plan then has no quantization section."""
+    return analysis.get("quantization") is None
+
+
+def quant_format(quantize: Quantize, bits: int) -> QuantFormat:
+    return QuantFormat(bits, None if quantize.group_size == "channel" else quantize.group_size, quantize.symmetric)
+
+
+def sensitivity_key(quantize: Quantize) -> dict:
+    """What a recorded sensitivity measurement must match to be reused by a plan."""
+    return {"method": quantize.method, "group_size": quantize.group_size, "symmetric": quantize.symmetric,
+            "granularity": quantize.granularity, "samples": quantize.sensitivity_samples,
+            "seq_len": quantize.sensitivity_seq_len, "damp": quantize.damp, "act_order": quantize.act_order,
+            "hessian_tokens": quantize.hessian_tokens}
+
+
+def protected_outliers(quantize: Quantize, analysis: dict, linear_names: set[str]):
+    """(weights kept exactly, {layer: reason} pinned to the highest width) from the recipe's protect."""
+    exact, pinned = [], {}
+    num_layers = len(analysis["layers"])
+    for layer in quantize.protect.layers:
+        if not 0 <= layer < num_layers:
+            raise CompressorError(f"quantize.protect.layers: layer {layer} does not exist; allowed: 0..{num_layers - 1}")
+        pinned[layer] = "protected by the recipe"
+    candidates = analysis.get("super_weight_candidates", [])
+    if quantize.protect.outliers in ("auto", "keep"):
+        for c in candidates:
+            module = f"model.layers.{c['layer']}.mlp.down_proj"
+            if module in linear_names:
+                exact.append({"module": module, "row": c["row"], "column": c["column"], "weight": c["weight"],
+                              "reason": f"super-weight candidate (down_proj output peak {c['output_peak']:.0f})"})
+    elif quantize.protect.outliers == "pin":
+        for c in candidates:
+            pinned.setdefault(c["layer"], f"super-weight candidate at row {c['row']}, column {c['column']}")
+        first_massive = next((e["layer"] for e in analysis["layers"]
+                              if (e.get("massive_activations") or {}).get("count")), None)
+        if first_massive is not None:
+            pinned.setdefault(first_massive, "massive activations first appear here")
+    return exact, pinned
+
+
+def check_group_size(quantize: Quantize, inventory: dict) -> None:
+    if quantize.group_size == "channel":
+        return
+    widths = {shape[1] for shape in (lin["shape"] for lin in inventory["linears"])}
+    if quantize.embeddings != "keep":
+        widths.add(inventory["embedding_shape"][1])
+    bad = sorted(w for w in widths if w % quantize.group_size)
+    if bad:
+        allowed = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths)] + ["channel"]
+        raise CompressorError(f"quantize.group_size: {quantize.group_size} does not divide the input width "
+                              f"{bad[0]} of this model's quantized tensors; allowed here: {allowed}")
+
+
+def plan_quantization(quantize: Quantize, analysis: dict) -> dict:
+    """Bit width of every decoder linear: the exact knapsack optimum under the budget."""
+    inventory = analysis["quantization"]
+    widths = list(quantize.bits)
+    check_group_size(quantize, inventory)
+    units = allocation_units(inventory["linears"], quantize.granularity)
+    exact, pinned = protected_outliers(quantize, analysis, {lin["name"] for lin in inventory["linears"]})
+    sensitivity = None
+    if quantize.allocate == "sensitivity":
+        measured = inventory.get("sensitivity") or {}
+        wanted = sensitivity_key(quantize)
+        if {k: measured.get(k) for k in wanted} != wanted or not set(widths) <= set(measured.get("bits", [])):
+            raise CompressorError("the analysis has no quantization sensitivity for these settings "
+                                  f"({wanted}, bits {widths}); run `compress --recipe RECIPE` to measure it")
+        sensitivity = measured["scores"]
+    costs = option_costs(units, widths, quantize.allocate, analysis["layers"], sensitivity)
+    items = []
+    for unit, unit_costs in zip(units, costs):
+        options = [(unit_bytes(unit, quant_format(quantize, b)), c) for b, c in zip(widths, unit_costs)]
+        items.append(options[-1:] if unit["layer"] in pinned else options)
+    vocab, hidden = inventory["embedding_shape"]
+    if quantize.embeddings == "keep":
+        embedding = {"bits": "keep", "bytes": vocab * hidden * 4}
+    else:
+        fmt = quant_format(quantize, quantize.embeddings)
+        embedding = dict(format_record(fmt), bytes=stored_bytes(vocab, hidden, fmt))
+    fixed = inventory["other_tensor_bytes"] + embedding["bytes"] + exact_bytes(len(exact))
+    weights = sum(u["weights"] for u in units)
+    if quantize.budget.avg_bits is not None:
+        capacity = math.floor(quantize.budget.avg_bits * weights / 8)
+    else:
+        capacity = quantize.budget.bytes - fixed
+    solution = solve_knapsack(items, capacity)
+    if solution is None:
+        smallest = sum(min(size for size, _ in options) for options in items)
+        if quantize.budget.avg_bits is not None:
+            raise CompressorError(
+                f"quantize.budget.avg_bits: {quantize.budget.avg_bits} is below the smallest feasible "
+                f"{math.ceil(8000 * smallest / weights) / 1000:.3f} bits per weight for widths {widths} with group size "
+                f"{quantize.group_size} (scales included) and the pinned layers")
+        raise CompressorError(
+            f"quantize.budget.bytes: {quantize.budget.bytes} is below the smallest feasible {smallest + fixed} bytes "
+            f"for widths {widths} with group size {quantize.group_size}, embedding {quantize.embeddings} "
+            f"and the pinned layers")
+    choices, used, total_cost = solution
+    unit_records, linears = [], {}
+    for unit, options, unit_costs, choice in zip(units, items, costs, choices):
+        bits = widths[-1] if unit["layer"] in pinned else widths[choice]
+        fmt = quant_format(quantize, bits)
+        unit_records.append({"key": unit["key"], "layer": unit["layer"], "unit": unit["unit"], "bits": bits,
+                             "bytes": options[choice][0], "weights": unit["weights"],
+                             "pinned": pinned.get(unit["layer"]),
+                             "costs": {str(b): c for b, c in zip(widths, unit_costs)}})
+        for name in unit["linears"]:
+            linears[name] = format_record(fmt)
+    return {
+        "method": quantize.method, "damp": quantize.damp, "act_order": quantize.act_order,
+        "hessian_tokens": quantize.hessian_tokens,
+        "allocate": quantize.allocate, "granularity": quantize.granularity, "widths": widths,
+        "budget": {"requested": quantize.budget.model_dump(exclude_none=True), "capacity_bytes": capacity,
+                   "used_bytes": used, "avg_bits": 8 * used / weights, "summed_cost": total_cost},
+        "predicted_tensor_bytes": fixed + used,
+        "embedding": embedding, "exact_weights": exact, "units": unit_records, "linears": linears,
+    }
+
+
+def format_record(fmt: QuantFormat) -> dict:
+    return {"bits": fmt.bits, "group_size": fmt.group_size, "symmetric": fmt.symmetric}

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from compressor.errors import CompressorError
 
@@ -46,6 +46,58 @@ class Removal(Strict):
     search_seq_len: int = Field(128, ge=8)
 
 
+class QuantizeBudget(Strict):
+    """Exactly one of: `avg_bits`, the mean stored bits per weight of the decoder linears (packed codes,
+    scales and zero points included), or `bytes`, the whole model.safetensors (every tensor)."""
+    avg_bits: float | None = Field(None, gt=0)
+    bytes: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def exactly_one(self):
+        if (self.avg_bits is None) == (self.bytes is None):
+            raise ValueError("give exactly one of avg_bits or bytes")
+        return self
+
+
+class QuantizeProtect(Strict):
+    # Super-weight candidates of the analysis: `keep` stores them exactly beside the packed matrix,
+    # `pin` gives their layer (and layers where massive activations appear) the highest width,
+    # `auto` is `keep`, `none` does nothing.
+    outliers: Literal["auto", "keep", "pin", "none"] = "auto"
+    layers: list[int] = []
+
+
+class Quantize(Strict):
+    method: Literal["rtn", "gptq"] = "gptq"
+    bits: list[Literal[2, 3, 4, 8]] = Field([2, 3, 4, 8], min_length=1)
+    group_size: Literal[32, 64, 128, "channel"] = 64
+    symmetric: bool = True
+    budget: QuantizeBudget = QuantizeBudget(avg_bits=4.0)
+    allocate: Literal["sensitivity", "lim", "zd", "uniform"] = "sensitivity"
+    # The allocation unit: a whole decoder layer, or its attention and MLP units separately.
+    granularity: Literal["layer", "unit"] = "layer"
+    embeddings: Literal[2, 3, 4, 8, "keep"] = 8
+    protect: QuantizeProtect = QuantizeProtect()
+    # GPTQ: damping (a fraction of the mean Hessian diagonal), columns in order of decreasing
+    # Hessian diagonal, and how calibration tokens are weighted in the Hessian (`equal`: each
+    # token's input scaled to unit norm, so massive-activation tokens do not dominate; `raw`: X^T X).
+    damp: float = Field(0.1, gt=0)
+    act_order: bool = True
+    hessian_tokens: Literal["equal", "raw"] = "equal"
+    # Sensitivity: KL divergence of the final next-token distributions with one allocation unit
+    # quantized at each width, on the first `sensitivity_samples` calibration windows cut to
+    # `sensitivity_seq_len` tokens.
+    sensitivity_samples: int = Field(8, ge=1)
+    sensitivity_seq_len: int = Field(256, ge=8)
+
+    @model_validator(mode="after")
+    def distinct_bits(self):
+        if len(set(self.bits)) != len(self.bits):
+            raise ValueError(f"bits must not repeat a width, got {self.bits}")
+        self.bits = sorted(self.bits)
+        return self
+
+
 class Analysis(Strict):
     removal_sensitivity: bool = False
     batch_size: int = Field(4, ge=1)
@@ -72,6 +124,7 @@ class Recipe(Strict):
     calibration: Calibration = Calibration()
     analysis: Analysis = Analysis()
     remove: Removal | None = None
+    quantize: Quantize | None = None
     evaluate: Evaluation = Evaluation()
     export: list[Literal["safetensors"]] = ["safetensors"]
 

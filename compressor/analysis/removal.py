@@ -42,12 +42,21 @@ def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
     return float((0.5 * (kl_pm + kl_qm)).mean())
 
 
+def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """Mean KL(p || q) (nats) between rows of two log-probability tensors."""
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+
+DIVERGENCES = {"js": js_divergence, "kl": kl_divergence}
+
+
 class _Scorer:
     """Final next-token log-probabilities on a fixed batch, with layer-input caching so that a
     candidate in layer l only reruns layers l..L-1."""
 
-    def __init__(self, model, windows: torch.Tensor, batch_size: int):
+    def __init__(self, model, windows: torch.Tensor, batch_size: int, measure: str = "js"):
         self.model = model
+        self.measure = DIVERGENCES[measure]
         self.batches = list(windows.split(batch_size))
         self.reference = [self._log_probs(b) for b in self.batches]
         self.layer_inputs = None
@@ -55,7 +64,7 @@ class _Scorer:
     @torch.no_grad()
     def _log_probs(self, batch, inputs_embeds=None, start_layer=0):
         hidden = self.model.model(batch, inputs_embeds=inputs_embeds, start_layer=start_layer)
-        return torch.log_softmax(self.model.lm_head(hidden).float(), dim=-1)
+        return torch.log_softmax(self.model.output_logits(hidden).float(), dim=-1)
 
     @torch.no_grad()
     def cache_layer_inputs(self):
@@ -79,7 +88,7 @@ class _Scorer:
                 log_q = self._log_probs(batch, self.layer_inputs[i][start_layer], start_layer)
             else:
                 log_q = self._log_probs(batch)
-            total += js_divergence(self.reference[i], log_q)
+            total += self.measure(self.reference[i], log_q)
         return total / len(self.batches)
 
 

@@ -1,0 +1,73 @@
+"""What the planner needs to allocate bit widths: the inventory of quantizable tensors, and the
+measured sensitivity of each allocation unit to quantization.
+
+Sensitivity of a unit at a width: the KL divergence KL(original || quantized) of the final
+next-token distributions, with only that unit quantized (by the recipe's own method: GPTQ with
+Hessians from the unquantized model, or round-to-nearest) and every other weight exact. Layers
+are visited one at a time; a unit in layer l reruns only layers l..L-1 from cached inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compressor.analysis.removal import _Scorer
+from compressor.bit_allocation import allocation_units
+from compressor.progress import progress
+from compressor.transforms.quantize_model import (
+    EMBEDDING, accumulate_hessians, decoder_linears, embedded_inputs, layer_linears, linear_layer_and_unit,
+    quantize_layer_linears, run_layer)
+
+
+def quantization_inventory(model) -> dict:
+    """Shapes of the decoder linears, the embedding, and the bytes of every other stored tensor."""
+    linears = []
+    for name, module in decoder_linears(model):
+        layer, unit = linear_layer_and_unit(name)
+        linears.append({"name": name, "layer": layer, "unit": unit, "shape": list(module.weight.shape)})
+    quantizable = {f"{lin['name']}.weight" for lin in linears} | {f"{EMBEDDING}.weight"}
+    other = sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
+                if name not in quantizable and not (model.config.tie_word_embeddings and name == "lm_head.weight"))
+    return {"linears": linears, "embedding_shape": list(model.model.embed_tokens.weight.shape),
+            "other_tensor_bytes": other, "tied_embeddings": bool(model.config.tie_word_embeddings)}
+
+
+@torch.no_grad()
+def quantization_sensitivity(model, quantize, calibration: torch.Tensor, batch_size: int, quiet: bool = False) -> dict:
+    """KL divergence per allocation unit and width; the record says how it was measured."""
+    from compressor.plan import quant_format, sensitivity_key
+
+    windows = calibration[: quantize.sensitivity_samples, : quantize.sensitivity_seq_len]
+    scorer = _Scorer(model, windows, batch_size, measure="kl")
+    scorer.cache_layer_inputs()
+    inventory = quantization_inventory(model)
+    units = allocation_units(inventory["linears"], quantize.granularity)
+    hidden = embedded_inputs(model, calibration, batch_size) if quantize.method == "gptq" else None
+    scores: dict[str, dict[str, float]] = {}
+    layers = range(len(model.model.layers))
+    for layer in progress(layers, "quantization sensitivity", quiet):
+        layer_units = [u for u in units if u["layer"] == layer]
+        names = [name for u in layer_units for name in u["linears"]]
+        if not names:
+            if hidden is not None:
+                hidden = run_layer(model, layer, hidden)
+            continue
+        hessians = (accumulate_hessians(model, layer, hidden, names, quantize.hessian_tokens)
+                    if hidden is not None else None)
+        originals = {name: module.weight for name, module in layer_linears(model, layer)}
+        for unit in layer_units:
+            scores[unit["key"]] = {}
+            for bits in quantize.bits:
+                formats = {name: quant_format(quantize, bits) for name in unit["linears"]}
+                quantize_layer_linears(model, layer, formats, quantize.method, hessians, {}, quantize.damp,
+                                       quantize.act_order)
+                scores[unit["key"]][str(bits)] = scorer.divergence(start_layer=layer)
+                _restore(model, layer, originals)
+        if hidden is not None:
+            hidden = run_layer(model, layer, hidden)
+    return dict(sensitivity_key(quantize), bits=list(quantize.bits), measure="kl", scores=scores)
+
+
+def _restore(model, layer: int, originals: dict[str, torch.nn.Parameter]) -> None:
+    for name, module in layer_linears(model, layer):
+        module.weight = originals[name]

@@ -1,0 +1,248 @@
+"""Weight quantizers as plain functions over tensors: round-to-nearest (min-max) and GPTQ.
+
+A weight [out, in] is cut into groups of `group_size` consecutive input columns (or one group per
+output row: per-channel). Each group gets a scale (symmetric: largest magnitude / largest
+positive code; asymmetric: the group's range over the code range, with a zero point); codes are
+signed integers in [-2^(b-1), 2^(b-1) - 1] and a weight is read back as (code - zero) * scale.
+This is the convention of the compressed-tensors `pack-quantized` layout, so codes are stored as
+they are. Scales are rounded to float16 (what the artifact stores) *before* the codes are chosen,
+so the stored model is exactly the model that was evaluated.
+
+`keep_exact` marks single weights (super weights) that are left out of the group statistics and
+restored exactly by a sparse correction stored beside the packed weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SCALE_DTYPE = torch.float16
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128, None)  # None: one scale per output channel
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    bits: int
+    group_size: int | None = 64
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size is not None and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive or None (per channel), got {self.group_size}")
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size is None else math.ceil(in_features / self.group_size)
+
+    def width(self, in_features: int) -> int:
+        return in_features if self.group_size is None else self.group_size
+
+    def label(self) -> str:
+        group = "channel" if self.group_size is None else f"g{self.group_size}"
+        return f"int{self.bits}-{group}-{'sym' if self.symmetric else 'asym'}"
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # float16 [out, groups]
+    zero_point: torch.Tensor | None  # int8 [out, groups]; None when symmetric
+    fmt: QuantFormat
+    # Weights kept exactly: flat indices into [out, in] and the exact values (float32).
+    exact_index: torch.Tensor | None = None
+    exact_value: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        out_features, in_features = self.codes.shape
+        width = self.fmt.width(in_features)
+        scale = self.scale.float().repeat_interleave(width, dim=1)[:, :in_features]
+        codes = self.codes.float()
+        if self.zero_point is not None:
+            codes = codes - self.zero_point.float().repeat_interleave(width, dim=1)[:, :in_features]
+        weight = codes * scale
+        if self.exact_index is not None:
+            weight.view(-1)[self.exact_index] = self.exact_value
+        return weight
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0, 0.95, ..., 0.5
+
+
+def group_parameters(groups: torch.Tensor, fmt: QuantFormat, ignore: torch.Tensor | None = None,
+                     clip: str = "minmax"):
+    """Scale and zero point of each row of `groups` [..., width] (ignored entries left out).
+
+    `minmax` maps the group's range onto the code range; `mse` also tries that range shrunk by
+    each of CLIP_RATIOS and keeps, per group, the one with the least squared rounding error
+    (clipping a few large weights buys finer steps for all the others)."""
+    if clip == "minmax":
+        return _range_parameters(groups, fmt, ignore, 1.0)
+    best_scale, best_zero, best_error = None, None, None
+    values = groups.float() if ignore is None else groups.float().masked_fill(ignore, 0)
+    for ratio in CLIP_RATIOS:
+        scale, zero = _range_parameters(groups, fmt, ignore, ratio)
+        _, dequantized = quantize_with(values, scale, zero, fmt.bits)
+        error = (dequantized - values).pow(2).sum(-1)
+        if best_error is None:
+            best_scale, best_zero, best_error = scale, zero, error
+            continue
+        better = error < best_error
+        best_scale = torch.where(better, scale, best_scale)
+        if zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+        best_error = torch.minimum(error, best_error)
+    return best_scale, best_zero
+
+
+def _range_parameters(groups: torch.Tensor, fmt: QuantFormat, ignore: torch.Tensor | None, ratio: float):
+    qmin, qmax = code_range(fmt.bits)
+    values = groups.float()
+    if fmt.symmetric:
+        amax = values.abs()
+        if ignore is not None:
+            amax = amax.masked_fill(ignore, 0)
+        # The group's largest magnitude lands exactly on the largest positive code (the extra
+        # negative code stays unused): this model's quality depends on its largest weights.
+        scale = amax.amax(-1) * ratio / qmax
+        low = None
+    else:
+        low = values.masked_fill(ignore, float("inf")) if ignore is not None else values
+        high = values.masked_fill(ignore, float("-inf")) if ignore is not None else values
+        low, high = low.amin(-1).clamp(max=0) * ratio, high.amax(-1).clamp(min=0) * ratio
+        scale = (high - low) / (qmax - qmin)
+    scale = scale.clamp(min=2.0 ** -14).to(SCALE_DTYPE)  # smallest normal float16: never zero
+    zero = None
+    if not fmt.symmetric:
+        zero = torch.clamp(torch.round(qmin - low / scale.float()), qmin, qmax).to(torch.int8)
+    return scale, zero
+
+
+def quantize_with(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int):
+    """Codes of `values` [..., width] given per-row scale/zero [...]; returns (codes, dequantized)."""
+    qmin, qmax = code_range(bits)
+    s = scale.float().unsqueeze(-1)
+    z = zero.float().unsqueeze(-1) if zero is not None else 0.0
+    codes = torch.clamp(torch.round(values / s) + z, qmin, qmax)
+    return codes.to(torch.int8), (codes - z) * s
+
+
+def _pad_columns(weight: torch.Tensor, width: int) -> torch.Tensor:
+    pad = (-weight.shape[1]) % width
+    return torch.nn.functional.pad(weight, (0, pad)) if pad else weight
+
+
+def _exact_parts(weight: torch.Tensor, keep_exact: torch.Tensor | None):
+    if keep_exact is None or not bool(keep_exact.any()):
+        return None, None
+    index = keep_exact.flatten().nonzero().flatten()
+    return index, weight.flatten()[index].float().clone()
+
+
+def rtn_quantize(weight: torch.Tensor, fmt: QuantFormat, keep_exact: torch.Tensor | None = None,
+                 clip: str = "minmax") -> QuantizedWeight:
+    """Round-to-nearest with min-max (or MSE-clipped) group scales."""
+    out_features, in_features = weight.shape
+    width = fmt.width(in_features)
+    padded = _pad_columns(weight.float(), width)
+    groups = padded.view(out_features, -1, width)
+    ignore = None
+    if keep_exact is not None:
+        ignore = _pad_columns(keep_exact.to(torch.float32), width).bool().view(out_features, -1, width)
+    scale, zero = group_parameters(groups, fmt, ignore, clip)
+    codes, _ = quantize_with(groups, scale, zero, fmt.bits)
+    codes = codes.view(out_features, -1)[:, :in_features].contiguous()
+    index, value = _exact_parts(weight, keep_exact)
+    return QuantizedWeight(codes, scale, zero, fmt, index, value)
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, damp: float = 0.01,
+                  act_order: bool = False, block_size: int = 128,
+                  keep_exact: torch.Tensor | None = None, clip: str = "minmax") -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2022): columns quantized one at a time, the rounding error of each spread
+    over the columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+    `hessian` is X^T X (any positive multiple) of the inputs seen by this linear, [in, in].
+    With `act_order`, columns go in order of decreasing Hessian diagonal; group parameters are then
+    fixed up front from the original weight (static groups) so the stored layout stays plain.
+    """
+    out_features, in_features = weight.shape
+    width = fmt.width(in_features)
+    if fmt.group_size is not None and block_size % width:
+        raise ValueError(f"GPTQ needs a group_size dividing the block size {block_size}; got {fmt.group_size}")
+    W = weight.float().clone()
+    H = hessian.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    exact = keep_exact.clone() if keep_exact is not None else torch.zeros_like(W, dtype=torch.bool)
+    n_groups = fmt.groups(in_features)
+    scale = torch.empty(out_features, n_groups, dtype=SCALE_DTYPE)
+    zero = torch.empty(out_features, n_groups, dtype=torch.int8) if not fmt.symmetric else None
+
+    def fix_group(g: int, source: torch.Tensor, source_exact: torch.Tensor):
+        s, z = group_parameters(source, fmt, source_exact, clip)
+        scale[:, g] = s
+        if zero is not None:
+            zero[:, g] = z
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    if act_order or fmt.group_size is None:
+        # Static parameters from the original weight (per channel: one group over all columns).
+        for g in range(n_groups):
+            cols = slice(g * width, (g + 1) * width)
+            fix_group(g, W[:, cols], exact[:, cols])
+    if act_order:
+        W, H, exact = W[:, perm], H[perm][:, perm], exact[:, perm]
+    original = W.clone()  # a weight kept exactly is stored as it was, before any error feedback
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_features)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    codes = torch.zeros(out_features, in_features, dtype=torch.int8)
+    for start in range(0, in_features, block_size):
+        stop = min(start + block_size, in_features)
+        W1 = W[:, start:stop].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[start:stop, start:stop]
+        for i in range(stop - start):
+            column = start + i
+            original_column = int(perm[column]) if act_order else column
+            group = original_column // width if fmt.group_size is not None else 0
+            if not act_order and fmt.group_size is not None and column % width == 0:
+                fix_group(group, W1[:, i:i + width], exact[:, column:column + width])
+            w = W1[:, i]
+            z = zero[:, group] if zero is not None else None
+            c, q = quantize_with(w.unsqueeze(-1), scale[:, group], z, fmt.bits)
+            q = q.squeeze(-1)
+            q = torch.where(exact[:, column], original[:, column], q)
+            codes[:, original_column] = c.squeeze(-1)
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, stop:] -= Err1 @ Hinv[start:stop, stop:]
+    index, value = _exact_parts(weight, keep_exact)
+    return QuantizedWeight(codes, scale, zero, fmt, index, value)
+
+
+def stored_bytes(out_features: int, in_features: int, fmt: QuantFormat) -> int:
+    """Bytes of the pack-quantized tensors of one linear: packed int32 codes, float16 scales, int32
+    zero points packed along the output dimension (asymmetric), and the int64 shape vector."""
+    groups = fmt.groups(in_features)
+    packed = out_features * math.ceil(in_features * fmt.bits / 32) * 4
+    scales = out_features * groups * 2
+    zeros = 0 if fmt.symmetric else math.ceil(out_features * fmt.bits / 32) * groups * 4
+    return packed + scales + zeros + 2 * 8
+
+
+def exact_bytes(count: int) -> int:
+    """Bytes of a sparse exact-weight correction: int64 flat indices and float32 values."""
+    return count * (8 + 4)

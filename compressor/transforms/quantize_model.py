@@ -1,0 +1,180 @@
+"""Applies a plan's bit widths to a compressed model: round-to-nearest, or GPTQ layer by layer.
+
+GPTQ runs the calibration windows through the decoder one layer at a time: each layer receives the
+outputs of the already-quantized layers before it, its linears' input Hessians are summed with
+hooks, its linears are quantized, and the layer is run again to give the next layer its inputs.
+Only one layer's activations and Hessians are held at a time.
+
+The model's weights are replaced by their dequantized values (so the in-memory model is exactly
+the stored one); the codes are returned for the exporter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compressor.modeling import causal_mask
+from compressor.progress import progress
+from compressor.transforms.quantize import QuantFormat, QuantizedWeight, gptq_quantize, rtn_quantize
+
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+# Linears reading the same input share one Hessian.
+SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+# GPTQ quantizes a layer's linears in this order, measuring each step's inputs with the earlier
+# steps already quantized ("true sequential"): o_proj sees the attention output of quantized
+# q/k/v, down_proj the activations of quantized gate/up.
+SEQUENTIAL_STEPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+EMBEDDING = "model.embed_tokens"
+
+
+def layer_linears(model, layer: int) -> list[tuple[str, torch.nn.Linear]]:
+    """(module name, module) of the linears present in a decoder layer, attention first."""
+    block = model.model.layers[layer]
+    found = []
+    if block.self_attn is not None:
+        found += [(f"model.layers.{layer}.self_attn.{n}", getattr(block.self_attn, n)) for n in ATTENTION_LINEARS]
+    if block.mlp is not None:
+        found += [(f"model.layers.{layer}.mlp.{n}", getattr(block.mlp, n)) for n in MLP_LINEARS]
+    return found
+
+
+def decoder_linears(model) -> list[tuple[str, torch.nn.Linear]]:
+    return [item for layer in range(len(model.model.layers)) for item in layer_linears(model, layer)]
+
+
+def linear_layer_and_unit(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    return int(parts[2]), "attention" if parts[3] == "self_attn" else "mlp"
+
+
+def set_weight(module: torch.nn.Module, quantized: QuantizedWeight) -> None:
+    """A new parameter, never a copy into the old one: the old tensor may be shared with the
+    source model (removal builds the compressed model on the source's tensors)."""
+    module.weight = torch.nn.Parameter(quantized.dequantize().to(module.weight.dtype), requires_grad=False)
+
+
+def quantize_embedding(model, fmt: QuantFormat, clip: str = "minmax") -> QuantizedWeight:
+    """Round-to-nearest, groups along the hidden dimension (a row is one token's vector)."""
+    quantized = rtn_quantize(model.model.embed_tokens.weight.data, fmt, clip=clip)
+    set_weight(model.model.embed_tokens, quantized)
+    return quantized
+
+
+def _rotary_and_mask(model, tokens: int):
+    positions = torch.arange(tokens)[None]
+    cos, sin = model.model.rotary(positions, model.model.embed_tokens.weight.dtype)
+    return cos, sin, causal_mask(None, tokens, positions.device)
+
+
+@torch.no_grad()
+def accumulate_hessians(model, layer: int, hidden: list[torch.Tensor], wanted: list[str],
+                        token_weighting: str = "equal") -> dict[str, torch.Tensor]:
+    """X^T X / n of the inputs of each wanted linear of `layer` (inputs shared by q/k/v and gate/up
+    are summed once), with `hidden` the layer's input batches.
+
+    `equal` scales every token's input to unit norm first. Plain X^T X (`raw`) is dominated by the
+    few tokens carrying massive activations (attention sinks, delimiters: norms hundreds of times
+    the median), and GPTQ then fits those few tokens at the expense of all others; on the
+    embedded model that made GPTQ worse than round-to-nearest."""
+    block = model.model.layers[layer]
+    modules = dict(layer_linears(model, layer))
+    sources = {SHARED_INPUT.get(name.rsplit(".", 1)[1], name.rsplit(".", 1)[1]) for name in wanted}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, module in modules.items():
+        short = name.rsplit(".", 1)[1]
+        if short not in sources:
+            continue
+
+        def hook(_module, args, short=short):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            if token_weighting == "equal":
+                x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+            sums[short] = sums.get(short, 0) + x.T @ x
+            counts[short] = counts.get(short, 0) + x.shape[0]
+
+        hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        cos, sin, mask = _rotary_and_mask(model, hidden[0].shape[1])
+        for h in hidden:
+            block(h, cos, sin, mask, None)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    result = {}
+    for name in wanted:
+        short = name.rsplit(".", 1)[1]
+        source = SHARED_INPUT.get(short, short)
+        result[name] = sums[source] / counts[source]
+    return result
+
+
+@torch.no_grad()
+def embedded_inputs(model, ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [model.model.embed_tokens(batch) for batch in ids.split(batch_size)]
+
+
+@torch.no_grad()
+def run_layer(model, layer: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    cos, sin, mask = _rotary_and_mask(model, hidden[0].shape[1])
+    return [model.model.layers[layer](h, cos, sin, mask, None) for h in hidden]
+
+
+def quantize_layer_linears(model, layer: int, formats: dict[str, QuantFormat], method: str,
+                           hessians: dict[str, torch.Tensor] | None, keep_exact: dict[str, torch.Tensor],
+                           damp: float, act_order: bool, clip: str = "minmax",
+                           apply: bool = True) -> dict[str, QuantizedWeight]:
+    """Quantizes the linears of one layer named in `formats`; with apply, writes them into the model."""
+    results = {}
+    for name, module in layer_linears(model, layer):
+        fmt = formats.get(name)
+        if fmt is None:
+            continue
+        mask = keep_exact.get(name)
+        if method == "gptq":
+            results[name] = gptq_quantize(module.weight.data, hessians[name], fmt, damp=damp, act_order=act_order,
+                                          keep_exact=mask, clip=clip)
+        else:
+            results[name] = rtn_quantize(module.weight.data, fmt, keep_exact=mask, clip=clip)
+        if apply:
+            set_weight(module, results[name])
+    return results
+
+
+@torch.no_grad()
+def quantize_model(model, formats: dict[str, QuantFormat], method: str = "gptq", calibration: torch.Tensor | None = None,
+                   batch_size: int = 4, damp: float = 0.01, act_order: bool = False,
+                   keep_exact: dict[str, torch.Tensor] | None = None, embedding: QuantFormat | None = None,
+                   clip: str = "minmax", token_weighting: str = "equal", quiet: bool = False) -> dict[str, QuantizedWeight]:
+    """Quantizes the decoder linears named in `formats` (and the embedding when given) in place.
+
+    `keep_exact` maps a linear to a boolean mask of weights left exact (stored apart).
+    """
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"quantization method must be 'rtn' or 'gptq', got {method!r}")
+    if method == "gptq" and calibration is None:
+        raise ValueError("GPTQ needs calibration token windows")
+    keep_exact = keep_exact or {}
+    results: dict[str, QuantizedWeight] = {}
+    if embedding is not None:  # first, so that GPTQ calibrates the layers on the quantized embedding
+        results[EMBEDDING] = quantize_embedding(model, embedding, clip)
+    layers = range(len(model.model.layers))
+    hidden = embedded_inputs(model, calibration, batch_size) if method == "gptq" else None
+    for layer in progress(layers, f"quantizing ({method})", quiet):
+        wanted = [name for name, _ in layer_linears(model, layer) if name in formats]
+        if method == "rtn":
+            results.update(quantize_layer_linears(model, layer, formats, method, None, keep_exact, damp, act_order,
+                                                  clip))
+            continue
+        for step in SEQUENTIAL_STEPS:
+            names = [name for name in wanted if name.rsplit(".", 1)[1] in step]
+            if names:
+                hessians = accumulate_hessians(model, layer, hidden, names, token_weighting)
+                step_formats = {name: formats[name] for name in names}
+                results.update(quantize_layer_linears(model, layer, step_formats, method, hessians, keep_exact,
+                                                      damp, act_order, clip))
+        if hidden is not None:
+            hidden = run_layer(model, layer, hidden)
+    return results
