@@ -159,7 +159,9 @@ def check_figures(rows: list[dict], original: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings to smoke-test the script")
-    parser.add_argument("--skip-peers", action="store_true", help="leave out the ONNX Runtime peers")
+    parser.add_argument("--only", default="uniform,mixed,recipes,peers",
+                        help="comma-separated row groups to measure (default: all); a partial run writes "
+                             "quantization-GROUPS.json")
     args = parser.parse_args()
     quiet_transformers()
     torch.manual_seed(0)
@@ -191,15 +193,18 @@ def main() -> None:
 
     # One analysis serves every row: the layer report, the inventory, and RTN sensitivity (used by
     # the `sensitivity` rows only).
-    recipe = parse_recipe(quantize_recipe(base, method="rtn", allocate="sensitivity", budget={"avg_bits": 4.0},
-                                          **sensitivity))
-    started = time.perf_counter()
-    analysis = analyze(source, recipe, quiet=True)
-    analysis_seconds = time.perf_counter() - started
-    print(f"analysis with quantization sensitivity: {analysis_seconds:.0f} s", flush=True)
+    groups = set(args.only.split(","))
+    analysis, analysis_seconds = None, None
+    if groups & {"uniform", "mixed"}:
+        recipe = parse_recipe(quantize_recipe(base, method="rtn", allocate="sensitivity", budget={"avg_bits": 4.0},
+                                              **sensitivity))
+        started = time.perf_counter()
+        analysis = analyze(source, recipe, quiet=True)
+        analysis_seconds = time.perf_counter() - started
+        print(f"analysis with quantization sensitivity: {analysis_seconds:.0f} s", flush=True)
 
     # Uniform widths: one width everywhere (a budget every width fits).
-    for method in ("rtn", "gptq"):
+    for method in ("rtn", "gptq") if "uniform" in groups else ():
         for bits in (8, 4, 3):
             recipe = parse_recipe(quantize_recipe(base, method=method, bits=[bits], allocate="uniform",
                                                   budget={"avg_bits": 9}))
@@ -211,7 +216,7 @@ def main() -> None:
                          time.perf_counter()))
 
     # Mixed allocations under average-bit budgets (RTN: a GPTQ run costs minutes on 2 cores).
-    for allocate in ALLOCATORS:
+    for allocate in ALLOCATORS if "mixed" in groups else ():
         for bits in AVERAGE_BITS:
             recipe = parse_recipe(quantize_recipe(base, method="rtn", allocate=allocate, budget={"avg_bits": bits},
                                                   **sensitivity))
@@ -219,10 +224,10 @@ def main() -> None:
                              time.perf_counter()))
 
     with tempfile.TemporaryDirectory(prefix="bench-quant-recipes-") as tmp:
-        for name in RECIPES:
+        for name in RECIPES if "recipes" in groups else ():
             add(recipe_row(name, args.quick, evaluation, Path(tmp)))
 
-    if not args.skip_peers:
+    if "peers" in groups:
         from bench.onnx_peers import onnx_peer_rows
 
         with tempfile.TemporaryDirectory(prefix="bench-quant-onnx-") as tmp:
@@ -234,7 +239,8 @@ def main() -> None:
     meta = {"command": command_line(), "machine": machine(), "windows": n_windows, "seq_len": seq_len,
             "calibration": f"{calibration['samples']} x {calibration['seq_len']} tokens of the embedded text",
             "analysis_seconds": analysis_seconds}
-    name = "quantization-quick" if args.quick else "quantization"
+    name = "quantization" + ("" if groups >= {"uniform", "mixed", "recipes", "peers"} else
+                             "-" + "-".join(sorted(groups))) + ("-quick" if args.quick else "")
     write_results(name, dict(meta, rows=rows, checks=checks), markdown(rows, original, checks, meta))
     plot(rows, RESULTS / f"{name}.png")
     print(markdown(rows, original, checks, meta))

@@ -107,6 +107,12 @@ def run(argv: list[str]) -> int:
         print(f"plan: {len(removed)} units removed -> {args.out}")
         for u in removed:
             print(f"  layer {u['layer']:>3} {u['unit']:<9} {plan['layers'][u['layer']]['notes']}")
+        if plan.get("quantization"):
+            print(pipeline.quantization_summary(plan["quantization"]))
+            for unit in plan["quantization"]["units"]:
+                costs = ", ".join(f"{b}-bit {c:.3g}" for b, c in unit["costs"].items())
+                pinned = f"  pinned: {unit['pinned']}" if unit.get("pinned") else ""
+                print(f"  unit {unit['key']:<12} {unit['bits']}-bit  cost by width: {costs}{pinned}")
     elif command == "apply":
         plan = load_plan(args.plan)
         out = pipeline.apply_plan_to_source(plan, args.model, args.out, args.force, args.quiet)

@@ -42,9 +42,25 @@ def evaluation_note(metrics: dict) -> str:
             f"Speed and peak resident memory are measured in a fresh process that loads the saved model.")
 
 
+def quantization_summary(plan: dict | None) -> dict | None:
+    """What the report says about quantization: widths, budget, and what was protected."""
+    spec = (plan or {}).get("quantization")
+    if not spec:
+        return None
+    widths: dict[str, int] = {}
+    for unit in spec["units"]:
+        widths[str(unit["bits"])] = widths.get(str(unit["bits"]), 0) + 1
+    return {"method": spec["method"], "allocate": spec["allocate"], "granularity": spec["granularity"],
+            "units_per_width": widths, "avg_bits": spec["budget"]["avg_bits"], "budget": spec["budget"]["requested"],
+            "embedding_bits": spec["embedding"]["bits"], "predicted_tensor_bytes": spec["predicted_tensor_bytes"],
+            "exact_weights": [{k: w[k] for k in ("module", "row", "column", "reason")} for w in spec["exact_weights"]],
+            "pinned": [{"unit": u["key"], "reason": u["pinned"]} for u in spec["units"] if u.get("pinned")]}
+
+
 def artifact_report(name: str, metrics: dict, original: dict | None, plan: dict | None) -> dict:
     removal = (plan or {}).get("removal") or {}
-    return {"name": name, "compressed": metrics, "original": original, "removed_units": removal.get("removed", [])}
+    return {"name": name, "compressed": metrics, "original": original, "removed_units": removal.get("removed", []),
+            "quantization": quantization_summary(plan)}
 
 
 def report_markdown(report: dict) -> str:
@@ -57,6 +73,18 @@ def report_markdown(report: dict) -> str:
              evaluation_note(report["compressed"]), ""]
     if removed:
         lines.append("Removed units: " + ", ".join(f"layer {u['layer']} {u['unit']}" for u in removed))
+    quantization = report.get("quantization")
+    if quantization:
+        widths = ", ".join(f"{n} x {b}-bit" for b, n in sorted(quantization["units_per_width"].items(),
+                                                                key=lambda kv: int(kv[0])))
+        lines += ["", f"Quantization: {quantization['method']}, allocated by {quantization['allocate']} per "
+                      f"{quantization['granularity']}: {widths}; {quantization['avg_bits']:.3f} stored bits per "
+                      f"linear weight (scales included); embedding {quantization['embedding_bits']}."]
+        exact = quantization["exact_weights"]
+        pinned = quantization["pinned"]
+        lines.append("Protected: " + ("; ".join(
+            [f"{w['module']}[{w['row']}, {w['column']}] kept exact ({w['reason']})" for w in exact]
+            + [f"unit {p['unit']} pinned to the top width ({p['reason']})" for p in pinned]) or "nothing"))
     return "\n".join(lines) + "\n"
 
 
