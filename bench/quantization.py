@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from bench.common import RESULTS, command_line, machine, write_results
-from compressor.data import calibration_windows, default_evaluation_text, evaluation_windows
+from compressor.data import default_evaluation_text, evaluation_windows
 from compressor.evaluate import perplexity
 from compressor.models.sources import load_model
 from compressor.pipeline import analyze, apply_quantization, compress, quiet_transformers
