@@ -1,9 +1,9 @@
 """Weight quantizers as plain functions over tensors: round-to-nearest (min-max) and GPTQ.
 
 A weight [out, in] is cut into groups of `group_size` consecutive input columns (or one group per
-output row: per-channel). Each group gets a scale (symmetric: largest magnitude / largest
-positive code; asymmetric: the group's range over the code range, with a zero point); codes are
-signed integers in [-2^(b-1), 2^(b-1) - 1] and a weight is read back as (code - zero) * scale.
+output row: per-channel). Each group gets a scale (symmetric: its largest-magnitude weight maps
+exactly to the most negative code; asymmetric: its range over the code range, with a zero point);
+codes are signed integers in [-2^(b-1), 2^(b-1) - 1] and a weight is read back as (code - zero) * scale.
 This is the convention of the compressed-tensors `pack-quantized` layout, so codes are stored as
 they are. Scales are rounded to float16 (what the artifact stores) *before* the codes are chosen,
 so the stored model is exactly the model that was evaluated.
@@ -107,19 +107,22 @@ def _range_parameters(groups: torch.Tensor, fmt: QuantFormat, ignore: torch.Tens
     qmin, qmax = code_range(fmt.bits)
     values = groups.float()
     if fmt.symmetric:
-        amax = values.abs()
-        if ignore is not None:
-            amax = amax.masked_fill(ignore, 0)
-        # The group's largest magnitude lands exactly on the largest positive code (the extra
-        # negative code stays unused): this model's quality depends on its largest weights.
-        scale = amax.amax(-1) * ratio / qmax
+        # The group's largest-magnitude weight, with its sign, lands exactly on the most negative
+        # code: all 2^b codes are in use and the largest weight is exact (the scale is negative
+        # when that weight is positive). Measured on the embedded model, this beats both
+        # max/qmax and the half-open max/((qmax - qmin) / 2).
+        kept = values.masked_fill(ignore, 0) if ignore is not None else values
+        extreme = kept.gather(-1, kept.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        scale = extreme * ratio / qmin
         low = None
     else:
         low = values.masked_fill(ignore, float("inf")) if ignore is not None else values
         high = values.masked_fill(ignore, float("-inf")) if ignore is not None else values
         low, high = low.amin(-1).clamp(max=0) * ratio, high.amax(-1).clamp(min=0) * ratio
         scale = (high - low) / (qmax - qmin)
-    scale = scale.clamp(min=2.0 ** -14).to(SCALE_DTYPE)  # smallest normal float16: never zero
+    # At least the smallest normal float16 in magnitude: never zero.
+    sign = torch.where(scale < 0, -1.0, 1.0)
+    scale = (sign * scale.abs().clamp(min=2.0 ** -14)).to(SCALE_DTYPE)
     zero = None
     if not fmt.symmetric:
         zero = torch.clamp(torch.round(qmin - low / scale.float()), qmin, qmax).to(torch.int8)
