@@ -74,36 +74,8 @@ def code_range(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
-CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0, 0.95, ..., 0.5
-
-
-def group_parameters(groups: torch.Tensor, fmt: QuantFormat, ignore: torch.Tensor | None = None,
-                     clip: str = "minmax"):
-    """Scale and zero point of each row of `groups` [..., width] (ignored entries left out).
-
-    `minmax` maps the group's range onto the code range; `mse` also tries that range shrunk by
-    each of CLIP_RATIOS and keeps, per group, the one with the least squared rounding error
-    (clipping a few large weights buys finer steps for all the others)."""
-    if clip == "minmax":
-        return _range_parameters(groups, fmt, ignore, 1.0)
-    best_scale, best_zero, best_error = None, None, None
-    values = groups.float() if ignore is None else groups.float().masked_fill(ignore, 0)
-    for ratio in CLIP_RATIOS:
-        scale, zero = _range_parameters(groups, fmt, ignore, ratio)
-        _, dequantized = quantize_with(values, scale, zero, fmt.bits)
-        error = (dequantized - values).pow(2).sum(-1)
-        if best_error is None:
-            best_scale, best_zero, best_error = scale, zero, error
-            continue
-        better = error < best_error
-        best_scale = torch.where(better, scale, best_scale)
-        if zero is not None:
-            best_zero = torch.where(better, zero, best_zero)
-        best_error = torch.minimum(error, best_error)
-    return best_scale, best_zero
-
-
-def _range_parameters(groups: torch.Tensor, fmt: QuantFormat, ignore: torch.Tensor | None, ratio: float):
+def group_parameters(groups: torch.Tensor, fmt: QuantFormat, ignore: torch.Tensor | None = None):
+    """Min-max scale and zero point of each row of `groups` [..., width] (ignored entries left out)."""
     qmin, qmax = code_range(fmt.bits)
     values = groups.float()
     if fmt.symmetric:
@@ -113,12 +85,12 @@ def _range_parameters(groups: torch.Tensor, fmt: QuantFormat, ignore: torch.Tens
         # max/qmax and the half-open max/((qmax - qmin) / 2).
         kept = values.masked_fill(ignore, 0) if ignore is not None else values
         extreme = kept.gather(-1, kept.abs().argmax(-1, keepdim=True)).squeeze(-1)
-        scale = extreme * ratio / qmin
+        scale = extreme / qmin
         low = None
     else:
         low = values.masked_fill(ignore, float("inf")) if ignore is not None else values
         high = values.masked_fill(ignore, float("-inf")) if ignore is not None else values
-        low, high = low.amin(-1).clamp(max=0) * ratio, high.amax(-1).clamp(min=0) * ratio
+        low, high = low.amin(-1).clamp(max=0), high.amax(-1).clamp(min=0)
         scale = (high - low) / (qmax - qmin)
     # At least the smallest normal float16 in magnitude: never zero.
     sign = torch.where(scale < 0, -1.0, 1.0)
@@ -150,9 +122,8 @@ def _exact_parts(weight: torch.Tensor, keep_exact: torch.Tensor | None):
     return index, weight.flatten()[index].float().clone()
 
 
-def rtn_quantize(weight: torch.Tensor, fmt: QuantFormat, keep_exact: torch.Tensor | None = None,
-                 clip: str = "minmax") -> QuantizedWeight:
-    """Round-to-nearest with min-max (or MSE-clipped) group scales."""
+def rtn_quantize(weight: torch.Tensor, fmt: QuantFormat, keep_exact: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest with min-max group scales."""
     out_features, in_features = weight.shape
     width = fmt.width(in_features)
     padded = _pad_columns(weight.float(), width)
@@ -160,7 +131,7 @@ def rtn_quantize(weight: torch.Tensor, fmt: QuantFormat, keep_exact: torch.Tenso
     ignore = None
     if keep_exact is not None:
         ignore = _pad_columns(keep_exact.to(torch.float32), width).bool().view(out_features, -1, width)
-    scale, zero = group_parameters(groups, fmt, ignore, clip)
+    scale, zero = group_parameters(groups, fmt, ignore)
     codes, _ = quantize_with(groups, scale, zero, fmt.bits)
     codes = codes.view(out_features, -1)[:, :in_features].contiguous()
     index, value = _exact_parts(weight, keep_exact)
@@ -170,7 +141,7 @@ def rtn_quantize(weight: torch.Tensor, fmt: QuantFormat, keep_exact: torch.Tenso
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, damp: float = 0.01,
                   act_order: bool = False, block_size: int = 128,
-                  keep_exact: torch.Tensor | None = None, clip: str = "minmax") -> QuantizedWeight:
+                  keep_exact: torch.Tensor | None = None) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022): columns quantized one at a time, the rounding error of each spread
     over the columns not yet quantized through the inverse Hessian of the layer's inputs.
 
@@ -193,7 +164,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat,
     zero = torch.empty(out_features, n_groups, dtype=torch.int8) if not fmt.symmetric else None
 
     def fix_group(g: int, source: torch.Tensor, source_exact: torch.Tensor):
-        s, z = group_parameters(source, fmt, source_exact, clip)
+        s, z = group_parameters(source, fmt, source_exact)
         scale[:, g] = s
         if zero is not None:
             zero[:, g] = z

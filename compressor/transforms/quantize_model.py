@@ -54,9 +54,9 @@ def set_weight(module: torch.nn.Module, quantized: QuantizedWeight) -> None:
     module.weight = torch.nn.Parameter(quantized.dequantize().to(module.weight.dtype), requires_grad=False)
 
 
-def quantize_embedding(model, fmt: QuantFormat, clip: str = "minmax") -> QuantizedWeight:
+def quantize_embedding(model, fmt: QuantFormat) -> QuantizedWeight:
     """Round-to-nearest, groups along the hidden dimension (a row is one token's vector)."""
-    quantized = rtn_quantize(model.model.embed_tokens.weight.data, fmt, clip=clip)
+    quantized = rtn_quantize(model.model.embed_tokens.weight.data, fmt)
     set_weight(model.model.embed_tokens, quantized)
     return quantized
 
@@ -124,8 +124,7 @@ def run_layer(model, layer: int, hidden: list[torch.Tensor]) -> list[torch.Tenso
 
 def quantize_layer_linears(model, layer: int, formats: dict[str, QuantFormat], method: str,
                            hessians: dict[str, torch.Tensor] | None, keep_exact: dict[str, torch.Tensor],
-                           damp: float, act_order: bool, clip: str = "minmax",
-                           apply: bool = True) -> dict[str, QuantizedWeight]:
+                           damp: float, act_order: bool, apply: bool = True) -> dict[str, QuantizedWeight]:
     """Quantizes the linears of one layer named in `formats`; with apply, writes them into the model."""
     results = {}
     for name, module in layer_linears(model, layer):
@@ -135,9 +134,9 @@ def quantize_layer_linears(model, layer: int, formats: dict[str, QuantFormat], m
         mask = keep_exact.get(name)
         if method == "gptq":
             results[name] = gptq_quantize(module.weight.data, hessians[name], fmt, damp=damp, act_order=act_order,
-                                          keep_exact=mask, clip=clip)
+                                          keep_exact=mask)
         else:
-            results[name] = rtn_quantize(module.weight.data, fmt, keep_exact=mask, clip=clip)
+            results[name] = rtn_quantize(module.weight.data, fmt, keep_exact=mask)
         if apply:
             set_weight(module, results[name])
     return results
@@ -147,7 +146,7 @@ def quantize_layer_linears(model, layer: int, formats: dict[str, QuantFormat], m
 def quantize_model(model, formats: dict[str, QuantFormat], method: str = "gptq", calibration: torch.Tensor | None = None,
                    batch_size: int = 4, damp: float = 0.01, act_order: bool = False,
                    keep_exact: dict[str, torch.Tensor] | None = None, embedding: QuantFormat | None = None,
-                   clip: str = "minmax", token_weighting: str = "equal", quiet: bool = False) -> dict[str, QuantizedWeight]:
+                   token_weighting: str = "equal", quiet: bool = False) -> dict[str, QuantizedWeight]:
     """Quantizes the decoder linears named in `formats` (and the embedding when given) in place.
 
     `keep_exact` maps a linear to a boolean mask of weights left exact (stored apart).
@@ -159,14 +158,13 @@ def quantize_model(model, formats: dict[str, QuantFormat], method: str = "gptq",
     keep_exact = keep_exact or {}
     results: dict[str, QuantizedWeight] = {}
     if embedding is not None:  # first, so that GPTQ calibrates the layers on the quantized embedding
-        results[EMBEDDING] = quantize_embedding(model, embedding, clip)
+        results[EMBEDDING] = quantize_embedding(model, embedding)
     layers = range(len(model.model.layers))
     hidden = embedded_inputs(model, calibration, batch_size) if method == "gptq" else None
     for layer in progress(layers, f"quantizing ({method})", quiet):
         wanted = [name for name, _ in layer_linears(model, layer) if name in formats]
         if method == "rtn":
-            results.update(quantize_layer_linears(model, layer, formats, method, None, keep_exact, damp, act_order,
-                                                  clip))
+            results.update(quantize_layer_linears(model, layer, formats, method, None, keep_exact, damp, act_order))
             continue
         for step in SEQUENTIAL_STEPS:
             names = [name for name in wanted if name.rsplit(".", 1)[1] in step]
@@ -174,7 +172,7 @@ def quantize_model(model, formats: dict[str, QuantFormat], method: str = "gptq",
                 hessians = accumulate_hessians(model, layer, hidden, names, token_weighting)
                 step_formats = {name: formats[name] for name in names}
                 results.update(quantize_layer_linears(model, layer, step_formats, method, hessians, keep_exact,
-                                                      damp, act_order, clip))
+                                                      damp, act_order))
         if hidden is not None:
             hidden = run_layer(model, layer, hidden)
     return results
