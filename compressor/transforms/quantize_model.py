@@ -124,8 +124,8 @@ def run_layer(model, layer: int, hidden: list[torch.Tensor]) -> list[torch.Tenso
 
 def quantize_layer_linears(model, layer: int, formats: dict[str, QuantFormat], method: str,
                            hessians: dict[str, torch.Tensor] | None, keep_exact: dict[str, torch.Tensor],
-                           damp: float, act_order: bool, apply: bool = True) -> dict[str, QuantizedWeight]:
-    """Quantizes the linears of one layer named in `formats`; with apply, writes them into the model."""
+                           damp: float, act_order: bool) -> dict[str, QuantizedWeight]:
+    """Quantizes the linears of one layer named in `formats` and writes them into the model."""
     results = {}
     for name, module in layer_linears(model, layer):
         fmt = formats.get(name)
@@ -137,8 +137,7 @@ def quantize_layer_linears(model, layer: int, formats: dict[str, QuantFormat], m
                                           keep_exact=mask)
         else:
             results[name] = rtn_quantize(module.weight.data, fmt, keep_exact=mask)
-        if apply:
-            set_weight(module, results[name])
+        set_weight(module, results[name])
     return results
 
 
