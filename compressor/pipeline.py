@@ -207,15 +207,14 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
 
 
 def quantization_summary(spec: dict) -> str:
-    counts: dict[int, int] = {}
-    for unit in spec["units"]:
-        counts[unit["bits"]] = counts.get(unit["bits"], 0) + 1
-    widths = ", ".join(f"{n} x {b}-bit" for b, n in sorted(counts.items()))
-    budget = spec["budget"]
-    embedding = spec["embedding"]["bits"]
-    return (f"plan: quantize ({spec['method']}, allocate by {spec['allocate']}): {widths}; "
-            f"{budget['avg_bits']:.3f} bits per linear weight, embedding {embedding}, "
-            f"{len(spec['exact_weights'])} weights kept exact; predicted {spec['predicted_tensor_bytes'] / 1e6:.1f} MB")
+    from compressor.report import quantization_summary as summary_of
+
+    summary = summary_of({"quantization": spec})
+    widths = ", ".join(f"{n} x {b}-bit" for b, n in sorted(summary["units_per_width"].items(), key=lambda kv: int(kv[0])))
+    return (f"plan: quantize ({summary['method']}, allocate by {summary['allocate']}): {widths}; "
+            f"{summary['avg_bits']:.3f} bits per linear weight, embedding {summary['embedding_bits']}, "
+            f"{len(summary['exact_weights'])} weights kept exact; "
+            f"predicted {summary['predicted_tensor_bytes'] / 1e6:.1f} MB")
 
 
 def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, quiet: bool = False) -> Path:
