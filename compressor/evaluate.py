@@ -86,3 +86,81 @@ def evaluate_model(model, tokenizer, settings, eval_text: str, folder: str | Pat
         "weights_bytes": (Path(folder) / "model.safetensors").stat().st_size,
     }
     return result
+
+
+@torch.no_grad()
+def needle_suite(model, tokenizer, cases, settings=None, max_new_tokens: int = 12, quiet: bool = False,
+                 label: str = "needles") -> list[dict]:
+    """Greedy answers to needle cases, with time to first token (prefill, the filter included).
+    `settings` is a SparseTokenSettings, or None for full attention."""
+    from compressor.transforms.sparse_tokens import decode_step, full_prefill, sparse_prefill
+
+    results = []
+    for case in progress(cases, label, quiet):
+        ids = case.input_ids[None]
+        started = time.perf_counter()
+        state = sparse_prefill(model, ids, settings) if settings is not None else full_prefill(model, ids)
+        ttft = time.perf_counter() - started
+        logits, tokens = state.logits, []
+        for step in range(max_new_tokens):
+            token = logits.argmax(-1)
+            tokens.append(int(token))
+            if step + 1 < max_new_tokens:
+                logits = decode_step(model, token, state)
+        output = tokenizer.decode(tokens, skip_special_tokens=True)
+        entry = {"length": case.length, "depth": case.depth, "answer": case.answer, "output": output,
+                 "correct": output.strip().startswith(case.answer), "ttft_seconds": ttft}
+        if state.selected is not None:
+            kept = set(state.selected[0].tolist())
+            a, b = case.answer_span
+            entry["answer_tokens_kept"] = sum(p in kept for p in range(a, b)) / (b - a)
+        results.append(entry)
+    return results
+
+
+def needle_summary(results: list[dict]) -> dict:
+    """Accuracy and median time to first token per length, and accuracy per length x depth."""
+    import statistics
+
+    by_length: dict[int, list[dict]] = {}
+    for r in results:
+        by_length.setdefault(r["length"], []).append(r)
+    summary = {}
+    for length, rows in sorted(by_length.items()):
+        grid: dict[float, list[bool]] = {}
+        for r in rows:
+            grid.setdefault(r["depth"], []).append(r["correct"])
+        summary[str(length)] = {
+            "cases": len(rows), "accuracy": sum(r["correct"] for r in rows) / len(rows),
+            "median_ttft_seconds": statistics.median(r["ttft_seconds"] for r in rows),
+            "accuracy_by_depth": {str(d): sum(v) / len(v) for d, v in sorted(grid.items())},
+        }
+    return summary
+
+
+def needle_grid_png(summaries: dict[str, dict], path: str | Path) -> None:
+    """One accuracy grid (length x depth) per variant, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(summaries)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        summary = summaries[name]
+        lengths = list(summary)
+        depths = list(summary[lengths[0]]["accuracy_by_depth"])
+        grid = np.array([[summary[n]["accuracy_by_depth"].get(d, np.nan) for n in lengths] for d in depths])
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), lengths)
+        ax.set_yticks(range(len(depths)), [f"{float(d):.0%}" for d in depths])
+        ax.set_xlabel("prompt tokens")
+        ax.set_title(name, fontsize=10)
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -45,6 +45,7 @@ class CompressedConfig(PretrainedConfig):
         block_configs: list | None = None,
         source_architecture: str | None = None,
         exact_weights: dict | None = None,
+        sparse_tokens: dict | None = None,
         tie_word_embeddings: bool = True,
         **kwargs,
     ):
@@ -77,6 +78,8 @@ class CompressedConfig(PretrainedConfig):
         self.source_architecture = source_architecture
         # Module name -> count of weights kept exactly beside a quantized matrix (see exact_index).
         self.exact_weights = exact_weights
+        # Sparse-token filter for long prompts (compressor.transforms.sparse_tokens), or None.
+        self.sparse_tokens = sparse_tokens
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def has_attention(self, layer: int) -> bool:
@@ -211,9 +214,15 @@ class Attention(nn.Module):
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        layer_mask = mask(k.shape[-2]) if callable(mask) else mask
+        keys = k.shape[-2]
+        layer_mask = mask(keys) if callable(mask) else mask
+        # None: no padding, and the queries are the whole sequence or one new token, so plain
+        # causality is the whole mask and SDPA's is_causal (a much faster kernel on CPU) serves.
+        causal = layer_mask is None and t > 1
+        if layer_mask is None and (self.window is not None or self.probability_observer is not None):
+            layer_mask, causal = causal_only_mask(t, keys, x.device), False
         if self.window is not None:
-            layer_mask = layer_mask & window_mask(t, k.shape[-2], self.window, x.device)
+            layer_mask = layer_mask & window_mask(t, keys, self.window, x.device)
         if self.probability_observer is not None:
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
             scores = scores.masked_fill(~layer_mask, torch.finfo(scores.dtype).min)
@@ -221,7 +230,7 @@ class Attention(nn.Module):
             self.probability_observer(probs)
             out = probs @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=layer_mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=layer_mask, is_causal=causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -310,28 +319,46 @@ class CompressedModel(CompressedPreTrainedModel):
         b, t = h.shape[:2]
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            if attention_mask is not None:
-                # Left padding: positions count real tokens only.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
-            else:
-                position_ids = torch.arange(past, past + t, device=h.device)[None].expand(b, t)
-        cos, sin = self.rotary(position_ids, h.dtype)
-        mask = causal_mask(attention_mask, t, h.device)
-        for layer in self.layers[start_layer:]:
-            h = layer(h, cos, sin, mask, past_key_values)
+            position_ids = default_positions(attention_mask, b, t, past, h.device)
+        h = self.run_layers(h, position_ids, attention_mask, past_key_values, start_layer)
         return self.norm(h)
+
+    def run_layers(self, h, position_ids, attention_mask, cache, start: int = 0, stop: int | None = None):
+        """Hidden states after layers start..stop-1 (no final norm); the sparse-token prefill runs
+        the model in pieces with this."""
+        cos, sin = self.rotary(position_ids, h.dtype)
+        mask = causal_mask(attention_mask, h.shape[1], h.device)
+        for layer in self.layers[start:stop]:
+            h = layer(h, cos, sin, mask, cache)
+        return h
+
+
+def default_positions(attention_mask, batch: int, tokens: int, past: int, device) -> torch.Tensor:
+    if attention_mask is not None:
+        # Left padding: positions count real tokens only.
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -tokens:]
+    return torch.arange(past, past + tokens, device=device)[None].expand(batch, tokens)
+
+
+def causal_only_mask(queries: int, keys: int, device) -> torch.Tensor:
+    """(1, 1, queries, keys): the last `queries` positions of a `keys`-long sequence see their past."""
+    q_pos = torch.arange(keys - queries, keys, device=device)[:, None]
+    return (torch.arange(keys, device=device)[None, :] <= q_pos)[None, None]
 
 
 def causal_mask(attention_mask, queries: int, device):
-    """Returns a function of the key length giving a (batch|1, 1, queries, keys) boolean mask."""
+    """Returns a function of the key length giving a (batch|1, 1, queries, keys) boolean mask, or
+    None when causality alone is the mask (no padding; queries are all keys, or a single new one)."""
+    padded = attention_mask is not None and not bool(attention_mask.bool().all())
 
-    def build(keys: int) -> torch.Tensor:
-        q_pos = torch.arange(keys - queries, keys, device=device)[:, None]
-        allowed = torch.arange(keys, device=device)[None, :] <= q_pos
-        allowed = allowed[None, None]
+    def build(keys: int) -> torch.Tensor | None:
+        if not padded and (queries == keys or queries == 1):
+            return None
+        allowed = causal_only_mask(queries, keys, device)
         if attention_mask is not None:
             allowed = allowed & attention_mask[:, None, None, -keys:].bool()
             # A fully padded query row would give NaN; let it see itself.
+            q_pos = torch.arange(keys - queries, keys, device=device)[:, None]
             allowed = allowed | (torch.arange(keys, device=device)[None, :] == q_pos)[None, None]
         return allowed
 

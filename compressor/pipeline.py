@@ -21,7 +21,8 @@ from compressor.artifact import check_destination, staged_folder, write_json
 from compressor.data import calibration_windows, default_evaluation_text
 from compressor.evaluate import evaluate_model
 from compressor.models.sources import LoadedModel, load_model
-from compressor.plan import make_plan, removable_candidates, removal_quotas, search_key
+from compressor.plan import (filter_probe_pending, make_plan, removable_candidates, removal_quotas, required_units,
+                             search_key)
 from compressor.recipe import Recipe, load_recipe, recipe_yaml
 from compressor.report import artifact_report, report_markdown
 from compressor.transforms.prune import remove_units
@@ -64,11 +65,18 @@ def analyze(loaded: LoadedModel, recipe: Recipe, quiet: bool = False) -> dict:
             layers[layer][kind]["removal_js"] = js
     if removal is not None and removal.method in ("iterative", "finercut"):
         analysis["removal_searches"].append(
-            removal_search(model, analysis, removal, search_windows, recipe.analysis.batch_size, quiet))
-    if recipe.quantize is not None:
-        # Measured on the model the quantizer will see: after the plan's removals.
+            removal_search(model, analysis, removal, search_windows, recipe.analysis.batch_size, quiet,
+                           required_units(recipe)))
+    if recipe.quantize is not None or (recipe.sparse_tokens is not None and filter_probe_pending(recipe, analysis)):
+        # Measured on the model the quantizer and the filter will see: after the plan's removals.
         after_removal = remove_units(model, make_plan(recipe, analysis))
-        analysis["quantization"] = quantization_analysis(after_removal, recipe, windows.input_ids, quiet)
+        if recipe.sparse_tokens is not None and filter_probe_pending(recipe, analysis):
+            from compressor.analysis.filter_probe import filter_layer_probe
+
+            analysis["filter_probe"] = filter_layer_probe(after_removal, loaded.tokenizer, recipe.sparse_tokens,
+                                                          settings.text, quiet)
+        if recipe.quantize is not None:
+            analysis["quantization"] = quantization_analysis(after_removal, recipe, windows.input_ids, quiet)
     analysis["cost"] = {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
                         "peak_rss_before_mb": rss_before, "threads": torch.get_num_threads()}
     return analysis
@@ -114,14 +122,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def removal_search(model, analysis: dict, removal, windows, batch_size: int, quiet: bool) -> dict:
+def removal_search(model, analysis: dict, removal, windows, batch_size: int, quiet: bool,
+                   required: set[tuple[int, str]] = frozenset()) -> dict:
     quotas = removal_quotas(removal, len(analysis["layers"]))
-    candidates = removable_candidates(analysis, removal.protect)
+    candidates = removable_candidates(analysis, removal.protect, required)
     allowed = {k for k in ("attention", "mlp") if quotas[k] or quotas["any"]}
     candidates = [u for u in candidates if u[1] in allowed]
     steps = min(sum(quotas.values()), len(candidates))
     order = _quota_greedy(model, windows, candidates, quotas, steps, removal.method, batch_size, quiet)
-    return dict(search_key(removal, quotas), order=order)
+    return dict(search_key(removal, quotas, required), order=order)
 
 
 def _quota_greedy(model, windows, candidates, quotas, steps, method, batch_size, quiet):

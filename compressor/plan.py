@@ -19,7 +19,7 @@ from pathlib import Path
 
 from compressor.bit_allocation import allocation_units, option_costs, solve_knapsack, unit_bytes
 from compressor.errors import CompressorError
-from compressor.recipe import Quantize, Recipe, Removal
+from compressor.recipe import Quantize, Recipe, Removal, SparseTokens
 from compressor.transforms.quantize import QuantFormat, exact_bytes, stored_bytes
 
 PLAN_FORMAT = "compressor-plan/1"
@@ -43,12 +43,21 @@ def removal_quotas(removal: Removal, num_layers: int) -> dict[str, int]:
     return quotas
 
 
-def removable_candidates(analysis: dict, protect) -> list[tuple[int, str]]:
+def removable_candidates(analysis: dict, protect, required: set[tuple[int, str]] = frozenset()) -> list[tuple[int, str]]:
+    """Units removal may take: not in a protected outer layer, and not `required` by another part
+    of the recipe (a fixed sparse-token filter layer needs its attention)."""
     layers = analysis["layers"]
     n = len(layers)
     protected = set(range(min(protect.first, n))) | set(range(max(n - protect.last, 0), n))
     return [(entry["layer"], kind) for entry in layers if entry["layer"] not in protected
-            for kind in UNIT_KINDS if entry.get(kind) is not None]
+            for kind in UNIT_KINDS if entry.get(kind) is not None and (entry["layer"], kind) not in required]
+
+
+def required_units(recipe: Recipe) -> set[tuple[int, str]]:
+    sparse = recipe.sparse_tokens
+    if sparse is not None and isinstance(sparse.filter_layer, int):
+        return {(sparse.filter_layer, "attention")}
+    return set()
 
 
 def check_budget(quotas: dict[str, int], candidates: list[tuple[int, str]], num_layers: int, protect) -> None:
@@ -82,15 +91,20 @@ def fill_quotas(ordered: list[tuple[int, str]], quotas: dict[str, int]) -> list[
     return chosen
 
 
-def search_key(removal: Removal, quotas: dict[str, int]) -> dict:
+def search_key(removal: Removal, quotas: dict[str, int], required: set[tuple[int, str]] = frozenset()) -> dict:
     """What a recorded greedy search must match to be reused by a plan."""
-    return {"method": removal.method, "quotas": quotas,
-            "protect": removal.protect.model_dump(),
-            "search_samples": removal.search_samples, "search_seq_len": removal.search_seq_len}
+    key = {"method": removal.method, "quotas": quotas,
+           "protect": removal.protect.model_dump(),
+           "search_samples": removal.search_samples, "search_seq_len": removal.search_seq_len}
+    if required:
+        key["required"] = [list(u) for u in sorted(required)]
+    return key
 
 
 def _search_covers(search: dict, wanted: dict) -> bool:
     if any(search.get(k) != wanted[k] for k in ("method", "protect", "search_samples", "search_seq_len")):
+        return False
+    if search.get("required", []) != wanted.get("required", []):
         return False
     if search["quotas"] == wanted["quotas"]:
         return True
@@ -109,7 +123,9 @@ def make_plan(recipe: Recipe, analysis: dict) -> dict:
     plan = {"format": PLAN_FORMAT, "recipe": recipe.name, "model": analysis.get("model", {}),
             "num_hidden_layers": num_layers, "removal": None, "layers": decisions}
     if recipe.remove is not None:
-        plan_removal(recipe.remove, analysis, plan)
+        plan_removal(recipe.remove, analysis, plan, required_units(recipe))
+    if recipe.sparse_tokens is not None and not filter_probe_pending(recipe, analysis):
+        plan["sparse_tokens"] = plan_sparse_tokens(recipe.sparse_tokens, analysis, decisions)
     if recipe.quantize is not None and not quantization_pending(analysis):
         plan["quantization"] = dict(plan_quantization(recipe.quantize, analysis),
                                     calibration=recipe.calibration.model_dump())
@@ -120,12 +136,12 @@ def make_plan(recipe: Recipe, analysis: dict) -> dict:
     return plan
 
 
-def plan_removal(removal: Removal, analysis: dict, plan: dict) -> None:
+def plan_removal(removal: Removal, analysis: dict, plan: dict, required: set[tuple[int, str]] = frozenset()) -> None:
     layers = analysis["layers"]
     num_layers = len(layers)
     decisions = plan["layers"]
     quotas = removal_quotas(removal, num_layers)
-    candidates = removable_candidates(analysis, removal.protect)
+    candidates = removable_candidates(analysis, removal.protect, required)
     check_budget(quotas, candidates, num_layers, removal.protect)
     if removal.method == "similarity":
         ordered = sorted(candidates, key=lambda u: -layers[u[0]][u[1]]["redundancy"])
@@ -133,7 +149,7 @@ def plan_removal(removal: Removal, analysis: dict, plan: dict) -> None:
         reasons = {u: f"{u[1]} redundancy {layers[u[0]][u[1]]['redundancy']:.4f} (rank {ordered.index(u) + 1} "
                       f"of {len(ordered)} candidates)" for u in chosen}
     else:
-        wanted = search_key(removal, quotas)
+        wanted = search_key(removal, quotas, required)
         search = next((s for s in analysis.get("removal_searches", []) if _search_covers(s, wanted)), None)
         if search is None:
             raise CompressorError(
@@ -169,6 +185,15 @@ def validate_plan(plan, where: str = "plan") -> dict:
         for kind in UNIT_KINDS:
             if d.get(kind) not in DECISIONS + ("absent",):
                 raise CompressorError(f"{where}: layers[{i}].{kind} is {d.get(kind)!r}; allowed: keep, remove, absent")
+    spec = plan.get("sparse_tokens")
+    if spec:
+        missing = [k for k in SPARSE_SETTINGS if k not in spec]
+        if missing:
+            raise CompressorError(f"{where}: sparse_tokens lacks {missing}")
+        layer = spec["filter_layer"]
+        if not isinstance(layer, int) or not 0 <= layer < len(plan["layers"]) or plan["layers"][layer]["attention"] != "keep":
+            raise CompressorError(f"{where}: sparse_tokens.filter_layer {layer!r} must be a layer whose attention "
+                                  f"the plan keeps")
     return plan
 
 
@@ -180,6 +205,42 @@ def load_plan(path: str | Path) -> dict:
     from compressor.artifact import read_json
 
     return validate_plan(read_json(Path(path), "plan"), str(path))
+
+
+SPARSE_SETTINGS = ("method", "filter_layer", "keep_tokens", "keep_first", "keep_last", "pool_width")
+
+
+def filter_probe_pending(recipe: Recipe, analysis: dict) -> bool:
+    """True while `filter_layer: auto` lacks its probe (run on the model after removal)."""
+    return recipe.sparse_tokens.filter_layer == "auto" and analysis.get("filter_probe") is None
+
+
+def plan_sparse_tokens(sparse: SparseTokens, analysis: dict, decisions: list[dict]) -> dict:
+    """The filter's settings; `auto` takes the probe's earliest layer that recovers the needles."""
+    from compressor.analysis.filter_probe import choose_filter_layer
+
+    probe = None
+    if sparse.filter_layer == "auto":
+        probe = analysis["filter_probe"]
+        layer, reason = choose_filter_layer(probe, sparse.probe.min_recall)
+        chosen_by = "probe"
+    else:
+        layer, reason, chosen_by = sparse.filter_layer, "fixed by the recipe", "recipe"
+    if layer >= len(decisions):
+        raise CompressorError(f"sparse_tokens.filter_layer: {layer} is outside the model's layers 0..{len(decisions) - 1}")
+    if decisions[layer]["attention"] != "keep":
+        raise CompressorError(f"sparse_tokens.filter_layer: layer {layer} has no attention unit in this plan; "
+                              f"a filter layer must keep its attention")
+    decisions[layer]["notes"] = (decisions[layer]["notes"] + "; " if decisions[layer]["notes"] else "") + \
+        f"sparse-token filter ({sparse.method}, keeps {sparse.keep_tokens} tokens)"
+    settings = {k: getattr(sparse, k) for k in SPARSE_SETTINGS}
+    return dict(settings, filter_layer=layer, chosen_by=chosen_by, reason=reason, probe=probe)
+
+
+def sparse_settings(plan: dict) -> dict | None:
+    """The part of the plan's sparse-token section that config.json carries (None: no filter)."""
+    spec = plan.get("sparse_tokens")
+    return None if not spec else {k: spec[k] for k in SPARSE_SETTINGS}
 
 
 def quantization_pending(analysis: dict) -> bool:

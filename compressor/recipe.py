@@ -98,6 +98,41 @@ class Quantize(Strict):
         return self
 
 
+class FilterProbe(Strict):
+    """The retrieval probe behind `filter_layer: auto`: needles planted in calibration text at
+    `samples` depths in prompts of `tokens` tokens; a layer recovers a needle when its selection keeps
+    the needle's number; the earliest layer recovering at least `min_recall` of them is chosen."""
+    samples: int = Field(8, ge=1)
+    tokens: int = Field(4096, ge=64)
+    min_recall: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+
+
+class SparseTokens(Strict):
+    """Sparse-token attention for long prompts (see compressor.transforms.sparse_tokens)."""
+    method: Literal["gemfilter", "promptdistill"] = "promptdistill"
+    filter_layer: Union[Literal["auto"], int] = "auto"
+    keep_tokens: int = Field(1024, ge=2)
+    keep_first: int = Field(1, ge=0)
+    keep_last: int = Field(32, ge=1)
+    pool_width: int = Field(5, ge=1)
+    probe: FilterProbe = FilterProbe()
+
+    @model_validator(mode="after")
+    def consistent(self):
+        if isinstance(self.filter_layer, int) and self.filter_layer < 0:
+            raise ValueError(f"filter_layer must be 'auto' or a layer index >= 0, got {self.filter_layer}")
+        if self.keep_first + self.keep_last > self.keep_tokens:
+            raise ValueError(f"keep_first + keep_last ({self.keep_first + self.keep_last}) exceeds "
+                             f"keep_tokens ({self.keep_tokens})")
+        if self.pool_width % 2 == 0:
+            raise ValueError(f"pool_width must be odd, got {self.pool_width}")
+        if self.probe.tokens <= self.keep_tokens:
+            raise ValueError(f"probe.tokens ({self.probe.tokens}) must exceed keep_tokens ({self.keep_tokens}), "
+                             "or every token is kept and the probe measures nothing")
+        return self
+
+
 class Analysis(Strict):
     removal_sensitivity: bool = False
     batch_size: int = Field(4, ge=1)
@@ -109,12 +144,24 @@ class Speed(Strict):
     repeats: int = Field(3, ge=1)
 
 
+class Needles(Strict):
+    """Needle-in-a-haystack cases: `per_cell` for every length x depth, haystack from `text`."""
+    text: str = "auto"  # auto: the evaluation text
+    lengths: list[int] = Field([4096], min_length=1)
+    depths: int = Field(5, ge=1)
+    per_cell: int = Field(1, ge=1)
+    seed: int = 0
+    max_new_tokens: int = Field(12, ge=1)
+
+
 class Evaluation(Strict):
     text: str = "auto"  # auto: WikiText-2 test when present beside the project, else embedded text
     windows: int = Field(16, ge=1)
     seq_len: int = Field(512, ge=8)
     speed: Speed = Speed()
     compare_original: bool = True
+    # Needle retrieval with and without the plan's sparse-token filter (off when absent).
+    needles: Needles | None = None
 
 
 class Recipe(Strict):
@@ -125,6 +172,7 @@ class Recipe(Strict):
     analysis: Analysis = Analysis()
     remove: Removal | None = None
     quantize: Quantize | None = None
+    sparse_tokens: SparseTokens | None = None
     evaluate: Evaluation = Evaluation()
     export: list[Literal["safetensors"]] = ["safetensors"]
 

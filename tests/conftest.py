@@ -63,7 +63,7 @@ def tiny_config(family: str, **overrides):
     if family == "qwen3":
         return transformers.Qwen3Config(**shape, head_dim=16, tie_word_embeddings=True)
     if family == "mistral":
-        return transformers.MistralConfig(**shape, sliding_window=64, tie_word_embeddings=False)
+        return transformers.MistralConfig(**dict(dict(sliding_window=64), **shape), tie_word_embeddings=False)
     raise ValueError(family)
 
 

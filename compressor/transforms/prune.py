@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from compressor.errors import CompressorError
 from compressor.modeling import CompressedConfig, CompressedForCausalLM, build_with_weights
-from compressor.plan import block_configs
+from compressor.plan import block_configs, sparse_settings
 
 
 def remove_units(model: CompressedForCausalLM, plan: dict) -> CompressedForCausalLM:
@@ -21,6 +21,12 @@ def remove_units(model: CompressedForCausalLM, plan: dict) -> CompressedForCausa
             if decision[kind] == "keep" and not present:
                 raise CompressorError(f"plan keeps layers[{i}].{kind} but the model has no such unit")
     config_dict["block_configs"] = block_configs(plan)
+    if plan.get("sparse_tokens"):
+        config_dict["sparse_tokens"] = sparse_settings(plan)
     config = CompressedConfig(**{k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")})
+    if config.sparse_tokens:
+        from compressor.transforms.sparse_tokens import SparseTokenSettings, check_settings
+
+        check_settings(SparseTokenSettings.from_dict(config.sparse_tokens), config, "plan sparse_tokens")
     # Tensors of removed units are simply not taken (load ignores keys the new model lacks).
     return build_with_weights(config, model.state_dict(), "removal")

@@ -1,0 +1,69 @@
+"""The retrieval probe that places the sparse-token filter: which layers' selections keep a planted needle.
+
+Needles are planted in calibration text (never the evaluation text) at evenly spread depths. One
+pass over each probe prompt scores every prompt token at every layer that has attention, exactly as
+the filter would there, and records whether the top-k selection keeps all of the needle's number.
+The filter layer is the earliest layer whose selection recovers at least `min_recall` of the
+needles: earlier is cheaper, since layers up to the filter run over the whole prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compressor.data import load_text
+from compressor.errors import CompressorError
+from compressor.needles import build_cases, even_depths
+from compressor.progress import progress
+from compressor.transforms.sparse_tokens import SparseTokenSettings, select_positions, token_scores
+
+
+@torch.no_grad()
+def filter_layer_probe(model, tokenizer, sparse, calibration_text: str, quiet: bool = False) -> dict:
+    """Per layer, the fraction of probe needles its selection recovers (`sparse` is the recipe's
+    SparseTokens section); the plan picks the layer from this record."""
+    probe = sparse.probe
+    limit = model.config.max_position_embeddings
+    if probe.tokens > limit:
+        raise CompressorError(f"sparse_tokens.probe.tokens: {probe.tokens} exceeds the model's context of {limit} tokens")
+    cases = build_cases(tokenizer, load_text(calibration_text), [probe.tokens], even_depths(probe.samples), 1, probe.seed)
+    layers = model.config.attention_layers()
+    recovered = {layer: 0 for layer in layers}
+    kept_fraction = {layer: 0.0 for layer in layers}
+    inner = model.model
+    for case in progress(cases, "filter-layer probe", quiet):
+        ids = case.input_ids[None]
+        mask = torch.ones_like(ids)
+        positions = torch.arange(ids.shape[1])[None]
+        h = inner.embed_tokens(ids)
+        a, b = case.answer_span
+        for layer in range(max(layers) + 1):
+            if layer in recovered:
+                settings = SparseTokenSettings(sparse.method, layer, sparse.keep_tokens, sparse.keep_first,
+                                               sparse.keep_last, sparse.pool_width)
+                scores = token_scores(model, h, positions, mask, layer, sparse.pool_width)
+                kept = set(select_positions(scores, mask, settings)[0].tolist())
+                share = sum(p in kept for p in range(a, b)) / (b - a)
+                kept_fraction[layer] += share / len(cases)
+                recovered[layer] += share == 1.0
+            h = inner.run_layers(h, positions, mask, None, layer, layer + 1)
+    return {
+        "method": "needle retrieval of the filter's own selection",
+        "cases": len(cases), "tokens": probe.tokens, "depths": [c.depth for c in cases], "seed": probe.seed,
+        "text": calibration_text, "keep_tokens": sparse.keep_tokens,
+        "layers": [{"layer": layer, "recall": recovered[layer] / len(cases),
+                    "answer_tokens_kept": kept_fraction[layer]} for layer in layers],
+    }
+
+
+def choose_filter_layer(probe: dict, min_recall: float) -> tuple[int, str]:
+    """The earliest layer reaching `min_recall`; failing that, the earliest with the best recall."""
+    rows = probe["layers"]
+    for row in rows:
+        if row["recall"] >= min_recall:
+            return row["layer"], (f"earliest layer whose selection recovers {row['recall']:.0%} of "
+                                  f"{probe['cases']} probe needles (min_recall {min_recall:.0%})")
+    best = max(row["recall"] for row in rows)
+    row = next(r for r in rows if r["recall"] == best)
+    return row["layer"], (f"no layer reaches min_recall {min_recall:.0%}; earliest layer with the best recall "
+                          f"{best:.0%} of {probe['cases']} probe needles")
