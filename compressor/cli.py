@@ -6,6 +6,7 @@
     compress apply --plan plan.json --model SOURCE --out DIR [--force]
     compress eval DIR [--recipe R] [--no-original]
     compress report DIR [DIR ...]
+    compress select DIR (--prompt TEXT | --prompt-file FILE) [--chat] [--positions]
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("analyze", "plan", "apply", "eval", "report")
+SUBCOMMANDS = ("analyze", "plan", "apply", "eval", "report", "select")
 
 
 def _main_parser() -> argparse.ArgumentParser:
@@ -54,6 +55,14 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--no-original", action="store_true", help="do not evaluate the original model")
     elif command == "report":
         p.add_argument("folders", nargs="+")
+    elif command == "select":
+        p.description = "Print what the artifact's sparse-token filter keeps of a prompt."
+        p.add_argument("folder")
+        given = p.add_mutually_exclusive_group(required=True)
+        given.add_argument("--prompt", help="the prompt text")
+        given.add_argument("--prompt-file", help="a UTF-8 text file holding the prompt")
+        p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template first")
+        p.add_argument("--positions", action="store_true", help="also print the kept token positions")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -122,7 +131,35 @@ def run(argv: list[str]) -> int:
         print((Path(args.folder) / "report.md").read_text())
     elif command == "report":
         print(compare(args.folders))
+    elif command == "select":
+        _print_selection(args)
     return 0
+
+
+def _print_selection(args) -> None:
+    from compressor.errors import CompressorError
+    from compressor.runtime import load
+
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise CompressorError(f"prompt file not found: {path}")
+        prompt = path.read_text(encoding="utf-8", errors="replace")
+    else:
+        prompt = args.prompt
+    artifact = load(args.folder)
+    settings = artifact.sparse_settings(True)
+    selection = artifact.select(prompt, chat=args.chat)
+    tokens = selection["prompt_tokens"]
+    if selection["selected_positions"] is None:
+        print(f"{tokens} prompt tokens: not more than keep_tokens={settings.keep_tokens}, the whole prompt runs")
+        return
+    kept = selection["selected_positions"]
+    print(f"{settings.method} at layer {settings.filter_layer} kept {len(kept)} of {tokens} prompt tokens "
+          f"(gaps shown as [...]):")
+    print(selection["kept_text"])
+    if args.positions:
+        print("positions:", " ".join(map(str, kept)))
 
 
 def main(argv: list[str] | None = None) -> int:

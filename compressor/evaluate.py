@@ -85,7 +85,32 @@ def evaluate_model(model, tokenizer, settings, eval_text: str, folder: str | Pat
         "threads": torch.get_num_threads(),
         "weights_bytes": (Path(folder) / "model.safetensors").stat().st_size,
     }
+    if settings.needles is not None:
+        result["needles"] = needle_evaluation(model, tokenizer, settings.needles, eval_text, quiet)
     return result
+
+
+def needle_evaluation(model, tokenizer, needles, eval_text: str, quiet: bool = False) -> dict:
+    """Needle accuracy and time to first token with full attention and, when the model has one,
+    with its sparse-token filter, on the same cases."""
+    from compressor.data import load_text
+    from compressor.needles import build_cases, even_depths
+    from compressor.transforms.sparse_tokens import SparseTokenSettings
+
+    source = eval_text if needles.text == "auto" else needles.text
+    cases = build_cases(tokenizer, load_text(source), needles.lengths, even_depths(needles.depths),
+                        needles.per_cell, needles.seed)
+    record = {"haystack": Path(source).name if source != "embedded" else source, "lengths": needles.lengths,
+              "depths": even_depths(needles.depths), "per_cell": needles.per_cell, "seed": needles.seed,
+              "full": needle_summary(needle_suite(model, tokenizer, cases, None, needles.max_new_tokens, quiet,
+                                                  "needles (full attention)"))}
+    stored = getattr(model.config, "sparse_tokens", None)
+    if stored:
+        settings = SparseTokenSettings.from_dict(stored)
+        record["sparse_tokens"] = settings.as_dict()
+        record["sparse"] = needle_summary(needle_suite(model, tokenizer, cases, settings, needles.max_new_tokens,
+                                                       quiet, f"needles ({settings.method})"))
+    return record
 
 
 @torch.no_grad()

@@ -57,10 +57,30 @@ def quantization_summary(plan: dict | None) -> dict | None:
             "pinned": [{"unit": u["key"], "reason": u["pinned"]} for u in spec["units"] if u.get("pinned")]}
 
 
+def sparse_tokens_summary(plan: dict | None) -> dict | None:
+    spec = (plan or {}).get("sparse_tokens")
+    if not spec:
+        return None
+    return {k: spec[k] for k in ("method", "filter_layer", "keep_tokens", "keep_first", "keep_last", "chosen_by",
+                                 "reason")}
+
+
 def artifact_report(name: str, metrics: dict, original: dict | None, plan: dict | None) -> dict:
     removal = (plan or {}).get("removal") or {}
     return {"name": name, "compressed": metrics, "original": original, "removed_units": removal.get("removed", []),
-            "quantization": quantization_summary(plan)}
+            "quantization": quantization_summary(plan), "sparse_tokens": sparse_tokens_summary(plan)}
+
+
+def needle_table(needles: dict) -> str:
+    lines = ["| prompt tokens | attention | needle accuracy | median TTFT s | TTFT speedup |", "|---|---|---|---|---|"]
+    sparse = needles.get("sparse")
+    for length, full in needles["full"].items():
+        rows = [("full", full)] + ([(needles["sparse_tokens"]["method"], sparse[length])] if sparse else [])
+        for label, row in rows:
+            lines.append(f"| {length} | {label} | {row['accuracy']:.0%} of {row['cases']} | "
+                         f"{row['median_ttft_seconds']:.2f} | "
+                         f"{full['median_ttft_seconds'] / row['median_ttft_seconds']:.2f}x |")
+    return "\n".join(lines)
 
 
 def report_markdown(report: dict) -> str:
@@ -85,6 +105,16 @@ def report_markdown(report: dict) -> str:
         lines.append("Protected: " + ("; ".join(
             [f"{w['module']}[{w['row']}, {w['column']}] kept exact ({w['reason']})" for w in exact]
             + [f"unit {p['unit']} pinned to the top width ({p['reason']})" for p in pinned]) or "nothing"))
+    sparse = report.get("sparse_tokens")
+    if sparse:
+        lines += ["", f"Sparse-token filter: {sparse['method']} at layer {sparse['filter_layer']} ({sparse['reason']}); "
+                      f"prompts longer than {sparse['keep_tokens']} tokens keep {sparse['keep_tokens']} of them "
+                      f"(the first {sparse['keep_first']} and last {sparse['keep_last']} always)."]
+    needles = report["compressed"].get("needles")
+    if needles:
+        lines += ["", f"Needle in a haystack ({needles['haystack']}, {len(needles['depths'])} depths x "
+                      f"{needles['per_cell']} per length, greedy; TTFT is the prefill, filter included):", "",
+                  needle_table(needles)]
     return "\n".join(lines) + "\n"
 
 
