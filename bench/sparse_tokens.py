@@ -7,7 +7,9 @@ One run, on the same machine and the same cases:
   numbers drawn from a seed; evenly spread depths) at each length, answered greedily by full
   attention, `gemfilter` and `promptdistill` at that layer;
 - time to first token is the prefill (the filter included) of each case; the table gives medians
-  and the ratio to full attention.
+  and the ratio to full attention;
+- for contrast, `promptdistill` at a fixed earlier layer (`--early-layer`), where the filter would
+  be cheaper.
 It writes bench/results/sparse_tokens.{json,md} and sparse_tokens.png (accuracy per length x depth).
 
     python -m bench.sparse_tokens            # the full run (about 35 min on 2 cores)
@@ -71,6 +73,9 @@ def main(argv=None) -> None:
     parser.add_argument("--per-cell", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--filter-layer", type=int, help="skip the probe and use this layer")
+    parser.add_argument("--early-layer", type=int, default=9,
+                        help="also run promptdistill at this earlier layer, to show what speed costs in accuracy "
+                             "there (negative: skip)")
     parser.add_argument("--quick", action="store_true", help="short prompts and few cases")
     args = parser.parse_args(argv)
     quiet_transformers()
@@ -96,6 +101,10 @@ def main(argv=None) -> None:
     for method in METHODS:
         variants[method] = SparseTokenSettings(method, layer, sparse.keep_tokens, sparse.keep_first,
                                                sparse.keep_last, sparse.pool_width)
+    if 0 <= args.early_layer < layer:
+        variants[f"promptdistill@{args.early_layer}"] = SparseTokenSettings(
+            "promptdistill", args.early_layer, sparse.keep_tokens, sparse.keep_first, sparse.keep_last,
+            sparse.pool_width)
     results = {}
     for name, settings in variants.items():
         results[name] = needle_suite(model, tokenizer, cases, settings, label=name)
