@@ -116,6 +116,10 @@ def run(argv: list[str]) -> int:
         print(f"plan: {len(removed)} units removed -> {args.out}")
         for u in removed:
             print(f"  layer {u['layer']:>3} {u['unit']:<9} {plan['layers'][u['layer']]['notes']}")
+        sparse = plan.get("sparse_tokens")
+        if sparse:
+            print(f"sparse tokens: {sparse['method']} at layer {sparse['filter_layer']} ({sparse['reason']}), "
+                  f"keeps {sparse['keep_tokens']} tokens")
         if plan.get("quantization"):
             print(pipeline.quantization_summary(plan["quantization"]))
             for unit in plan["quantization"]["units"]:

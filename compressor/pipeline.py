@@ -194,6 +194,9 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
     plan = make_plan(recipe, analysis)
     removed = (plan.get("removal") or {}).get("removed", [])
     log(f"plan: remove {len(removed)} units" + (": " + ", ".join(f"{u['layer']}.{u['unit']}" for u in removed) if removed else ""))
+    if plan.get("sparse_tokens"):
+        sparse = plan["sparse_tokens"]
+        log(f"plan: sparse tokens, {sparse['method']} at layer {sparse['filter_layer']} ({sparse['reason']})")
     compressed = remove_units(loaded.model, plan)
     quantized = None
     if plan.get("quantization"):
