@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.removal
 	$(BIN)/python -m bench.quantization
+	$(BIN)/python -m bench.sparse_tokens
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

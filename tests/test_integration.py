@@ -154,3 +154,24 @@ def test_eight_bit_weights_stay_within_one_percent_of_the_original_perplexity(em
                    embedding=QuantFormat(8, 64), quiet=True)
     # Measured 36.08 for the original with this setup.
     assert perplexity(model, windows, quiet=True) < 36.08 * 1.01
+
+
+@pytest.mark.parametrize("method", ("gemfilter", "promptdistill"))
+def test_sparse_tokens_retrieve_a_needle_like_full_attention(embedded, method):
+    """A 2048-token needle prompt (the benchmark's case 10: WikiText-2 haystack, depth 0.5): full
+    attention and both filters at layer 21 (the layer the long-context recipe's probe picks for
+    this model) answer with the planted number."""
+    from compressor.data import load_text
+    from compressor.evaluate import needle_suite
+    from compressor.needles import build_cases, even_depths
+    from compressor.transforms.sparse_tokens import SparseTokenSettings
+
+    text = default_evaluation_text()
+    if not text.endswith(str(WIKITEXT_RELATIVE)):
+        pytest.skip("WikiText-2 test (shared/data/wikitext-2-raw/wiki.test.raw) is not beside the project")
+    case = build_cases(embedded.tokenizer, load_text(text), [2048], even_depths(5), 4, seed=0)[10]
+    settings = SparseTokenSettings(method, 21, keep_tokens=1024, keep_first=1, keep_last=32)
+    full = needle_suite(embedded.model, embedded.tokenizer, [case], None, 10, quiet=True)[0]
+    sparse = needle_suite(embedded.model, embedded.tokenizer, [case], settings, 10, quiet=True)[0]
+    assert full["correct"], full
+    assert sparse["correct"] and sparse["answer_tokens_kept"] == 1.0, sparse

@@ -38,9 +38,12 @@ def artifacts(tmp_path_factory, tiny_model_folder):
 
     def get(kind: str):
         if kind not in built:
-            layer = {"auto": "auto", "fixed": 1}[kind]
-            built[kind] = compress(recipe(f"sparse-{kind}", filter_layer=layer), str(tiny_model_folder["llama"]),
-                                   root / kind, quiet=True, log=lambda m: None)
+            layer = {"auto": "auto", "fixed": 1, "quantized": 3}[kind]
+            r = recipe(f"sparse-{kind}", filter_layer=layer)
+            if kind == "quantized":
+                r = parse_recipe(dict(r.model_dump(), quantize={"method": "rtn", "bits": [4], "group_size": 32,
+                                                                "budget": {"avg_bits": 4.6}}))
+            built[kind] = compress(r, str(tiny_model_folder["llama"]), root / kind, quiet=True, log=lambda m: None)
         return built[kind]
 
     return get
@@ -177,3 +180,25 @@ def test_needle_cases_are_exact_and_reproducible(tokenizer):
     assert even_depths(5) == [0.05, 0.275, 0.5, 0.725, 0.95]
     with pytest.raises(CompressorError, match="fewer than the needle length"):
         build_cases(tokenizer, "short text", [200], [0.5], 1, 0)
+
+
+@torch.no_grad()
+def test_filter_on_a_removed_and_quantized_artifact_matches_the_reference(artifacts, tokenizer):
+    from test_sparse_tokens import promptdistill_reference
+
+    folder = artifacts("quantized")
+    art = compressor.load(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" in config and config["sparse_tokens"]["filter_layer"] == 3
+    removed = [u["layer"] for u in json.loads((folder / "plan.json").read_text())["removal"]["removed"]]
+    assert len(removed) == 2 and 3 not in removed
+    assert art.model.model.layers[removed[0]].self_attn is None
+    ids = art._encode(long_prompt(tokenizer), chat=False)
+    settings = SparseTokenSettings.from_dict(art.model.config.sparse_tokens)
+    state = sparse_prefill(art.model, ids, settings)
+    kept = state.selected[0].tolist()
+    token = int(state.logits.argmax(-1))
+    from compressor.transforms.sparse_tokens import decode_step
+
+    logits = decode_step(art.model, torch.tensor([token]), state)
+    assert torch.allclose(logits, promptdistill_reference(art.model, ids, kept, token, 3), atol=1e-4)
