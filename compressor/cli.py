@@ -136,6 +136,7 @@ def run(argv: list[str]) -> int:
     elif command == "report":
         print(compare(args.folders))
     elif command == "select":
+        pipeline.quiet_transformers()
         _print_selection(args)
     return 0
 
