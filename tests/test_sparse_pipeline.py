@@ -202,3 +202,18 @@ def test_filter_on_a_removed_and_quantized_artifact_matches_the_reference(artifa
 
     logits = decode_step(art.model, torch.tensor([token]), state)
     assert torch.allclose(logits, promptdistill_reference(art.model, ids, kept, token, 3), atol=1e-4)
+
+
+def test_apply_of_a_saved_plan_reproduces_the_filter(artifacts, tiny_model_folder, tmp_path, tokenizer):
+    from compressor.pipeline import apply_plan_to_source
+    from compressor.plan import load_plan
+
+    folder = artifacts("fixed")
+    out = apply_plan_to_source(load_plan(folder / "plan.json"), str(tiny_model_folder["llama"]), tmp_path / "applied",
+                               force=False, quiet=True)
+    assert json.loads((out / "config.json").read_text())["sparse_tokens"] == \
+        json.loads((folder / "config.json").read_text())["sparse_tokens"]
+    prompt = long_prompt(tokenizer)
+    first = compressor.load(folder).generate(prompt, max_new_tokens=5, return_selection=True)
+    again = compressor.load(out).generate(prompt, max_new_tokens=5, return_selection=True)
+    assert first == again
