@@ -118,7 +118,7 @@ def needle_suite(model, tokenizer, cases, settings=None, max_new_tokens: int = 1
                  label: str = "needles") -> list[dict]:
     """Greedy answers to needle cases, with time to first token (prefill, the filter included).
     `settings` is a SparseTokenSettings, or None for full attention."""
-    from compressor.transforms.sparse_tokens import decode_step, full_prefill, sparse_prefill
+    from compressor.transforms.sparse_tokens import full_prefill, greedy_continue, sparse_prefill
 
     results = []
     for case in progress(cases, label, quiet):
@@ -126,12 +126,7 @@ def needle_suite(model, tokenizer, cases, settings=None, max_new_tokens: int = 1
         started = time.perf_counter()
         state = sparse_prefill(model, ids, settings) if settings is not None else full_prefill(model, ids)
         ttft = time.perf_counter() - started
-        logits, tokens = state.logits, []
-        for step in range(max_new_tokens):
-            token = logits.argmax(-1)
-            tokens.append(int(token))
-            if step + 1 < max_new_tokens:
-                logits = decode_step(model, token, state)
+        tokens = greedy_continue(model, state, max_new_tokens)[0].tolist()
         output = tokenizer.decode(tokens, skip_special_tokens=True)
         entry = {"length": case.length, "depth": case.depth, "answer": case.answer, "output": output,
                  "correct": output.strip().startswith(case.answer), "ttft_seconds": ttft}

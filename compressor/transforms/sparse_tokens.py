@@ -208,12 +208,8 @@ def decode_step(model, tokens: torch.Tensor, state: Prefill) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, settings: SparseTokenSettings | None = None,
-                    attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Prefill]:
-    """Greedy continuation of a (left-padded) batch: (batch, max_new_tokens) token ids and the prefill."""
-    state = (sparse_prefill(model, input_ids, settings, attention_mask) if settings is not None
-             else full_prefill(model, input_ids, attention_mask))
-    selected = state.selected
+def greedy_continue(model, state: Prefill, max_new_tokens: int) -> torch.Tensor:
+    """(batch, max_new_tokens) greedy tokens after a prefill (`state` is advanced in place)."""
     tokens = []
     logits = state.logits
     for step in range(max_new_tokens):
@@ -221,8 +217,17 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, setting
         tokens.append(token)
         if step + 1 < max_new_tokens:
             logits = decode_step(model, token, state)
-    state.selected = selected
-    return torch.stack(tokens, dim=1), state
+    return torch.stack(tokens, dim=1)
+
+
+@torch.no_grad()
+def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, settings: SparseTokenSettings | None = None,
+                    attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Prefill]:
+    """Greedy continuation of a (left-padded) batch: (batch, max_new_tokens) token ids and the state
+    after them (its logits are those that followed the last decoded token)."""
+    state = (sparse_prefill(model, input_ids, settings, attention_mask) if settings is not None
+             else full_prefill(model, input_ids, attention_mask))
+    return greedy_continue(model, state, max_new_tokens), state
 
 
 def kept_text(tokenizer, ids: list[int], kept: torch.Tensor, gap: str = " [...] ") -> str:
