@@ -46,6 +46,7 @@ class CompressedConfig(PretrainedConfig):
         source_architecture: str | None = None,
         exact_weights: dict | None = None,
         sparse_tokens: dict | None = None,
+        weight_sharing: list | None = None,
         tie_word_embeddings: bool = True,
         **kwargs,
     ):
@@ -80,6 +81,9 @@ class CompressedConfig(PretrainedConfig):
         self.exact_weights = exact_weights
         # Sparse-token filter for long prompts (compressor.transforms.sparse_tokens), or None.
         self.sparse_tokens = sparse_tokens
+        # Cross-layer weight sharing (compressor.transforms.share): one entry per shared basis,
+        # {"projection", "layers", "rank", "residual_rank", "basis"}; None when nothing is shared.
+        self.weight_sharing = weight_sharing
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def has_attention(self, layer: int) -> bool:
@@ -90,6 +94,13 @@ class CompressedConfig(PretrainedConfig):
 
     def attention_layers(self) -> list[int]:
         return [i for i in range(self.num_hidden_layers) if self.has_attention(i)]
+
+    def sharing_group(self, layer: int, projection: str) -> dict | None:
+        """The weight-sharing entry that factors this layer's projection, or None (dense)."""
+        for group in self.weight_sharing or []:
+            if group["projection"] == projection and layer in group["layers"]:
+                return group
+        return None
 
 
 class RMSNorm(nn.Module):
@@ -175,8 +186,62 @@ class KVCache:
         return self.keys[layer].shape[-2]
 
 
+class FactoredLinear(nn.Module):
+    """A projection stored as a shared basis and this layer's coefficients: y = (x B) C (+ x P Q) + b.
+
+    The basis is a module of the model (`model.shared_bases[key]`, an in -> rank linear), held here
+    by reference only, so it is stored once however many layers read it."""
+
+    def __init__(self, bases: nn.ModuleDict, group: dict, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.basis_key = group["basis"]
+        self._bases = [bases]  # a list: not registered as a submodule (the model owns the basis)
+        self.in_features, self.out_features = in_features, out_features
+        self.coefficients = nn.Linear(group["rank"], out_features, bias=bias)
+        residual = group.get("residual_rank") or 0
+        if residual:
+            self.residual_down = nn.Linear(in_features, residual, bias=False)
+            self.residual_up = nn.Linear(residual, out_features, bias=False)
+        else:
+            self.residual_down = self.residual_up = None
+
+    @property
+    def basis(self) -> nn.Linear:
+        return self._bases[0][self.basis_key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.coefficients(self.basis(x))
+        if self.residual_down is not None:
+            y = y + self.residual_up(self.residual_down(x))
+        return y
+
+    @property
+    def bias(self):
+        return self.coefficients.bias
+
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent out x in matrix (for analysis and export checks; the model never builds it)."""
+        weight = self.coefficients.weight @ self.basis.weight
+        if self.residual_down is not None:
+            weight = weight + self.residual_up.weight @ self.residual_down.weight
+        return weight
+
+
+def projection_weight(module: nn.Module) -> torch.Tensor:
+    """A projection's out x in matrix, dense or factored."""
+    return module.dense_weight() if isinstance(module, FactoredLinear) else module.weight
+
+
+def make_linear(config: CompressedConfig, bases: nn.ModuleDict | None, layer: int, projection: str,
+                in_features: int, out_features: int, bias: bool) -> nn.Module:
+    group = config.sharing_group(layer, projection)
+    if group is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return FactoredLinear(bases, group, in_features, out_features, bias)
+
+
 class Attention(nn.Module):
-    def __init__(self, config: CompressedConfig, layer_idx: int, cache_index: int):
+    def __init__(self, config: CompressedConfig, layer_idx: int, cache_index: int, bases: nn.ModuleDict | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         # Slot in an external (transformers) cache: layers without attention take none.
@@ -186,10 +251,12 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.window = config.attention_window
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_output_bias)
+        hidden, kv = config.hidden_size, self.num_kv_heads * self.head_dim
+        self.q_proj = make_linear(config, bases, layer_idx, "q_proj", hidden, self.num_heads * self.head_dim, bias)
+        self.k_proj = make_linear(config, bases, layer_idx, "k_proj", hidden, kv, bias)
+        self.v_proj = make_linear(config, bases, layer_idx, "v_proj", hidden, kv, bias)
+        self.o_proj = make_linear(config, bases, layer_idx, "o_proj", self.num_heads * self.head_dim, hidden,
+                                  config.attention_output_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -241,12 +308,12 @@ def window_mask(queries: int, keys: int, window: int, device) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self, config: CompressedConfig):
+    def __init__(self, config: CompressedConfig, layer_idx: int = 0, bases: nn.ModuleDict | None = None):
         super().__init__()
-        bias = config.mlp_bias
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        bias, hidden, inner = config.mlp_bias, config.hidden_size, config.intermediate_size
+        self.gate_proj = make_linear(config, bases, layer_idx, "gate_proj", hidden, inner, bias)
+        self.up_proj = make_linear(config, bases, layer_idx, "up_proj", hidden, inner, bias)
+        self.down_proj = make_linear(config, bases, layer_idx, "down_proj", inner, hidden, bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -255,18 +322,18 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm residual layer; either unit may be absent (then it is the identity)."""
 
-    def __init__(self, config: CompressedConfig, layer_idx: int, cache_index: int):
+    def __init__(self, config: CompressedConfig, layer_idx: int, cache_index: int, bases: nn.ModuleDict | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         eps = config.rms_norm_eps
         if config.has_attention(layer_idx):
             self.input_layernorm = RMSNorm(config.hidden_size, eps)
-            self.self_attn = Attention(config, layer_idx, cache_index)
+            self.self_attn = Attention(config, layer_idx, cache_index, bases)
         else:
             self.input_layernorm = self.self_attn = None
         if config.has_mlp(layer_idx):
             self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
-            self.mlp = MLP(config)
+            self.mlp = MLP(config, layer_idx, bases)
         else:
             self.post_attention_layernorm = self.mlp = None
         # Analysis switches a unit off temporarily to measure what its removal costs; the artifact
@@ -304,9 +371,11 @@ class CompressedModel(CompressedPreTrainedModel):
     def __init__(self, config: CompressedConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Bases shared across layers (weight sharing), each stored once; None when nothing is shared.
+        self.shared_bases = shared_bases(config)
         cache_slots = {layer: slot for slot, layer in enumerate(config.attention_layers())}
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, cache_slots.get(i, -1)) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, cache_slots.get(i, -1), self.shared_bases) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
@@ -331,6 +400,20 @@ class CompressedModel(CompressedPreTrainedModel):
         for layer in self.layers[start:stop]:
             h = layer(h, cos, sin, mask, cache)
         return h
+
+
+def projection_in_features(config: CompressedConfig, projection: str) -> int:
+    if projection == "o_proj":
+        return config.num_attention_heads * config.head_dim
+    return config.intermediate_size if projection == "down_proj" else config.hidden_size
+
+
+def shared_bases(config: CompressedConfig) -> nn.ModuleDict | None:
+    if not config.weight_sharing:
+        return None
+    return nn.ModuleDict({group["basis"]: nn.Linear(projection_in_features(config, group["projection"]),
+                                                    group["rank"], bias=False)
+                          for group in config.weight_sharing})
 
 
 def default_positions(attention_mask, batch: int, tokens: int, past: int, device) -> torch.Tensor:

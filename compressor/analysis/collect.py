@@ -21,6 +21,7 @@ import heapq
 import torch
 import torch.nn.functional as F
 
+from compressor.modeling import projection_weight
 from compressor.models.adapters import ATTENTION_LINEARS, MLP_LINEARS
 from compressor.progress import progress
 
@@ -44,7 +45,7 @@ def weight_statistics(model) -> list[dict]:
         for unit_name, unit, names in (("attention", layer.self_attn, ATTENTION_LINEARS), ("mlp", layer.mlp, MLP_LINEARS)):
             if unit is None:
                 continue
-            mats = [getattr(unit, n).weight for n in names]
+            mats = [projection_weight(getattr(unit, n)) for n in names]
             parts += mats
             zd, max_z = z_share(mats)
             entry[unit_name] = {"zd": zd, "weight_max_z": max_z}
@@ -188,7 +189,7 @@ def analyze_layers(model, windows: torch.Tensor, batch_size: int = 4, quiet: boo
             entry["attention"] = {"redundancy": a.attention_cos / tokens,
                                   "sink_share": a.sink_mass / max(a.sink_rows, 1)}
         if layer.mlp is not None:
-            weight = layer.mlp.down_proj.weight
+            weight = projection_weight(layer.mlp.down_proj)
             row, col = a.down_out[1], a.down_pair
             entry["mlp"] = {
                 "redundancy": a.mlp_cos / tokens,
