@@ -120,6 +120,13 @@ def run(argv: list[str]) -> int:
         if sparse:
             print(f"sparse tokens: {sparse['method']} at layer {sparse['filter_layer']} ({sparse['reason']}), "
                   f"keeps {sparse['keep_tokens']} tokens")
+        if plan.get("sharing"):
+            print(pipeline.sharing_summary(plan["sharing"]))
+            for group in plan["sharing"]["groups"]:
+                rank = f"rank {group['rank']}" if group["rank"] else "dense"
+                print(f"  {group['projection']:<10} layers {','.join(map(str, group['layers'])):<16} {rank:<9} "
+                      f"{group['parameters']:>10,} of {group['dense_parameters']:,} parameters, "
+                      f"expected error {group['expected_error']:.4f}")
         if plan.get("quantization"):
             print(pipeline.quantization_summary(plan["quantization"]))
             for unit in plan["quantization"]["units"]:

@@ -38,8 +38,11 @@ def quiet_transformers():
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def analyze(loaded: LoadedModel, recipe: Recipe, quiet: bool = False) -> dict:
-    """The LayerReport: one instrumented pass, plus the costlier scores the recipe asks for."""
+def analyze(loaded: LoadedModel, recipe: Recipe, quiet: bool = False, reuse: dict | None = None) -> dict:
+    """The LayerReport: one instrumented pass, plus the costlier scores the recipe asks for.
+
+    `reuse`, when given, receives what the same run's apply step can use again (the calibration
+    second moments of weight sharing) under "sharing_moments"."""
     model, settings = loaded.model, recipe.calibration
     windows = calibration_windows(loaded.tokenizer, settings.text, settings.samples, settings.seq_len, settings.seed)
     started = time.perf_counter()
@@ -67,19 +70,50 @@ def analyze(loaded: LoadedModel, recipe: Recipe, quiet: bool = False) -> dict:
         analysis["removal_searches"].append(
             removal_search(model, analysis, removal, search_windows, recipe.analysis.batch_size, quiet,
                            required_units(recipe)))
-    if recipe.quantize is not None or (recipe.sparse_tokens is not None and filter_probe_pending(recipe, analysis)):
-        # Measured on the model the quantizer and the filter will see: after the plan's removals.
+    probe_pending = recipe.sparse_tokens is not None and filter_probe_pending(recipe, analysis)
+    if recipe.quantize is not None or recipe.share is not None or probe_pending:
+        # Measured on the model each later step will see: after the plan's removals (and, for the
+        # quantizer, after sharing).
         after_removal = remove_units(model, make_plan(recipe, analysis))
-        if recipe.sparse_tokens is not None and filter_probe_pending(recipe, analysis):
+        if probe_pending:
             from compressor.analysis.filter_probe import filter_layer_probe
 
             analysis["filter_probe"] = filter_layer_probe(after_removal, loaded.tokenizer, recipe.sparse_tokens,
                                                           settings.text, quiet)
+        target = after_removal
+        if recipe.share is not None:
+            from compressor.analysis.sharing import sharing_analysis
+
+            analysis["sharing"], moments = sharing_analysis(after_removal, recipe.share, recipe.calibration,
+                                                            windows.input_ids, recipe.analysis.batch_size, quiet)
+            if reuse is not None:
+                reuse["sharing_moments"] = moments
+            if recipe.quantize is not None:
+                target = apply_sharing(after_removal, loaded.tokenizer, make_plan(recipe, analysis), moments, quiet)
         if recipe.quantize is not None:
-            analysis["quantization"] = quantization_analysis(after_removal, recipe, windows.input_ids, quiet)
+            analysis["quantization"] = quantization_analysis(target, recipe, windows.input_ids, quiet)
     analysis["cost"] = {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
                         "peak_rss_before_mb": rss_before, "threads": torch.get_num_threads()}
     return analysis
+
+
+def apply_sharing(model, tokenizer, plan: dict, moments: dict | None = None, quiet: bool = False):
+    """The model with the plan's shared groups factored (a new model; `model` is left as it was).
+    The activation fit measures the calibration second moments unless the run already has them."""
+    from compressor.plan import shared_groups
+    from compressor.transforms.share import input_second_moments, share_weights
+
+    groups = shared_groups(plan)
+    if not groups:
+        return model
+    spec = plan["sharing"]
+    if spec["fit"] == "activation" and moments is None:
+        settings = spec["calibration"]
+        windows = calibration_windows(tokenizer, settings["text"], settings["samples"], settings["seq_len"],
+                                      settings["seed"]).input_ids
+        wanted = {(layer, g["projection"]) for g in groups for layer in g["layers"]}
+        moments = input_second_moments(model, windows, 4, wanted, quiet)
+    return share_weights(model, groups, spec["fit"], moments, quiet)
 
 
 def quantization_analysis(model, recipe: Recipe, calibration: torch.Tensor, quiet: bool) -> dict:
@@ -190,7 +224,8 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
     loaded = load_model(source, quiet=True)
     log(f"analyzing: {recipe.calibration.samples} calibration windows x {recipe.calibration.seq_len} tokens "
         f"from '{recipe.calibration.text}'")
-    analysis = analyze(loaded, recipe, quiet)
+    reuse: dict = {}
+    analysis = analyze(loaded, recipe, quiet, reuse)
     plan = make_plan(recipe, analysis)
     removed = (plan.get("removal") or {}).get("removed", [])
     log(f"plan: remove {len(removed)} units" + (": " + ", ".join(f"{u['layer']}.{u['unit']}" for u in removed) if removed else ""))
@@ -198,6 +233,9 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
         sparse = plan["sparse_tokens"]
         log(f"plan: sparse tokens, {sparse['method']} at layer {sparse['filter_layer']} ({sparse['reason']})")
     compressed = remove_units(loaded.model, plan)
+    if plan.get("sharing"):
+        log(sharing_summary(plan["sharing"]))
+        compressed = apply_sharing(compressed, loaded.tokenizer, plan, reuse.get("sharing_moments"), quiet)
     quantized = None
     if plan.get("quantization"):
         log(quantization_summary(plan["quantization"]))
@@ -229,13 +267,21 @@ def quantization_summary(spec: dict) -> str:
             f"predicted {summary['predicted_tensor_bytes'] / 1e6:.1f} MB")
 
 
+def sharing_summary(spec: dict) -> str:
+    shared = [g for g in spec["groups"] if g.get("rank")]
+    return (f"plan: share {', '.join(spec['projections'])} ({spec['fit']} fit, {spec['grouping']} groups): "
+            f"{len(shared)} shared bases, {len(spec['groups']) - len(shared)} groups left dense; "
+            f"{spec['achieved_reduction']:.1%} fewer of these parameters "
+            f"({spec['dense_parameters'] / 1e6:.2f}M -> {spec['parameters'] / 1e6:.2f}M)")
+
+
 def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, quiet: bool = False) -> Path:
     from exporters.safetensors import write_model
 
     quiet_transformers()
     out = check_destination(out, force)
     loaded = load_model(source, quiet=True)
-    compressed = remove_units(loaded.model, plan)
+    compressed = apply_sharing(remove_units(loaded.model, plan), loaded.tokenizer, plan, quiet=quiet)
     quantized = apply_quantization(compressed, loaded.tokenizer, plan, quiet) if plan.get("quantization") else None
     with staged_folder(out, force) as staging:
         write_model(compressed, loaded.tokenizer, staging, quantized)

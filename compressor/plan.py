@@ -126,6 +126,12 @@ def make_plan(recipe: Recipe, analysis: dict) -> dict:
         plan_removal(recipe.remove, analysis, plan, required_units(recipe))
     if recipe.sparse_tokens is not None and not filter_probe_pending(recipe, analysis):
         plan["sparse_tokens"] = plan_sparse_tokens(recipe.sparse_tokens, analysis, decisions)
+    if recipe.share is not None and not sharing_pending(recipe, analysis):
+        plan["sharing"] = dict(plan_sharing(recipe.share, analysis, recipe.quantize),
+                               calibration=recipe.calibration.model_dump())
+        for group in shared_groups(plan):
+            for layer in group["layers"]:
+                decisions[layer].setdefault("shared", {})[group["projection"]] = f"{group['basis']} rank {group['rank']}"
     if recipe.quantize is not None and not quantization_pending(analysis):
         plan["quantization"] = dict(plan_quantization(recipe.quantize, analysis),
                                     calibration=recipe.calibration.model_dump())
@@ -185,6 +191,7 @@ def validate_plan(plan, where: str = "plan") -> dict:
         for kind in UNIT_KINDS:
             if d.get(kind) not in DECISIONS + ("absent",):
                 raise CompressorError(f"{where}: layers[{i}].{kind} is {d.get(kind)!r}; allowed: keep, remove, absent")
+    validate_sharing(plan, where)
     spec = plan.get("sparse_tokens")
     if spec:
         missing = [k for k in SPARSE_SETTINGS if k not in spec]
@@ -367,3 +374,202 @@ def plan_quantization(quantize: Quantize, analysis: dict) -> dict:
 
 def format_record(fmt: QuantFormat) -> dict:
     return {"bits": fmt.bits, "group_size": fmt.group_size, "symmetric": fmt.symmetric}
+
+
+# --- cross-layer weight sharing ------------------------------------------------------------------
+
+def sharing_pending(recipe: Recipe, analysis: dict) -> bool:
+    """True while the analysis lacks a sharing record for the recipe's settings."""
+    from compressor.analysis.sharing import sharing_key
+
+    record = analysis.get("sharing")
+    return record is None or record["key"] != sharing_key(recipe.share, recipe.calibration)
+
+
+def share_groups(layers: list[int], similarity: list[list[float]], grouping: str, group_size: int) -> list[list[int]]:
+    """Contiguous groups of `layers`: runs of `group_size` (adjacent), or (similarity) as many groups
+    as that makes, each at most twice `group_size` long, placed to minimize the summed dissimilarity
+    of each member to the rest of its group (a layer alone counts as wholly dissimilar)."""
+    n = len(layers)
+    if grouping == "adjacent" or group_size == 1 or n <= 1:
+        return [layers[i:i + group_size] for i in range(0, n, group_size)]
+    count, longest = math.ceil(n / group_size), 2 * group_size
+
+    def cost(start: int, stop: int) -> float:
+        if stop - start == 1:
+            return 1.0
+        members = range(start, stop)
+        return sum(1 - sum(similarity[a][b] for b in members if b != a) / (stop - start - 1) for a in members)
+
+    best = {(0, 0): (0.0, None)}  # (groups made, layers covered) -> (cost, previous cover)
+    for made in range(1, count + 1):
+        for stop in range(1, n + 1):
+            options = [(best[(made - 1, start)][0] + cost(start, stop), start)
+                       for start in range(max(0, stop - longest), stop) if (made - 1, start) in best]
+            if options:
+                best[(made, stop)] = min(options)
+    groups, stop = [], n
+    for made in range(count, 0, -1):
+        start = best[(made, stop)][1]
+        groups.append(layers[start:stop])
+        stop = start
+    return groups[::-1]
+
+
+# The per-layer fallback of a group offers at most this many points of its Pareto frontier.
+FALLBACK_POINTS = 48
+
+
+def _per_layer_frontier(layer_costs: list[list[float]], shape: list[int], residual: int,
+                        multiple: int) -> list[tuple[int, float, tuple]]:
+    """Pareto frontier of (parameters, summed cost, rank per layer or None for dense) when each layer
+    of a group gets its own basis, thinned to FALLBACK_POINTS evenly spaced points."""
+    from compressor.transforms.share import full_rank, shared_parameters
+
+    out_features, in_features = shape
+    dense = in_features * out_features
+    frontier: list[tuple[int, float, tuple]] = [(0, 0.0, ())]
+    for curve in layer_costs:
+        options = [(dense, 0.0, None)] + [
+            (shared_parameters(in_features, out_features, 1, rank, residual), curve[rank], rank)
+            for rank in range(multiple, full_rank(in_features, out_features, 1) + 1, multiple)
+            if shared_parameters(in_features, out_features, 1, rank, residual) < dense]
+        combined: dict[int, tuple[float, tuple]] = {}
+        for parameters, cost, ranks in frontier:
+            for size, option_cost, rank in options:
+                held = combined.get(parameters + size)
+                if held is None or cost + option_cost < held[0]:
+                    combined[parameters + size] = (cost + option_cost, ranks + (rank,))
+        frontier, lowest = [], math.inf
+        for parameters in sorted(combined):
+            cost, ranks = combined[parameters]
+            if cost < lowest:
+                lowest = cost
+                frontier.append((parameters, cost, ranks))
+    if len(frontier) > FALLBACK_POINTS:
+        step = (len(frontier) - 1) / (FALLBACK_POINTS - 1)
+        frontier = [frontier[round(i * step)] for i in range(FALLBACK_POINTS)]
+    return frontier
+
+
+def _rank_options(group: dict, shape: list[int], residual: int, multiple: int,
+                  fallback: bool) -> list[tuple[int, float, int | tuple | None, bool]]:
+    """(parameters, cost, rank, per layer) per choice: dense; every rank (a multiple of `multiple`)
+    whose shared factors are smaller; and with `fallback`, the best ways of giving each layer of the
+    group its own basis instead (per-layer SVD; the rank is then one per layer, None for dense).
+    Cost: the summed per-layer relative error."""
+    from compressor.transforms.share import full_rank, shared_parameters
+
+    out_features, in_features = shape
+    layers = len(group["layers"])
+    dense = layers * in_features * out_features
+    options = [(dense, 0.0, None, False)]
+    for rank in range(multiple, full_rank(in_features, out_features, layers) + 1, multiple):
+        parameters = shared_parameters(in_features, out_features, layers, rank, residual)
+        if parameters >= dense:
+            break
+        options.append((parameters, group["cost"][rank], rank, False))
+    if fallback and group.get("layer_costs"):
+        options += [(parameters, cost, ranks, True) for parameters, cost, ranks in
+                    _per_layer_frontier(group["layer_costs"], shape, residual, multiple) if parameters < dense]
+    return options
+
+
+def plan_sharing(share, analysis: dict, quantize: Quantize | None = None) -> dict:
+    """Which groups share a basis and at which rank, for the recipe's parameter reduction."""
+    from compressor.transforms.share import basis_key, rank_for_budget, shared_parameters
+
+    record = analysis["sharing"]
+    multiple = share.rank_multiple
+    if quantize is not None and quantize.group_size != "channel":
+        multiple = math.lcm(multiple, quantize.group_size)  # coefficient inputs are rank wide
+    fallback = share.per_layer_fallback and share.allocate == "error"
+    items = [_rank_options(g, record["projections"][g["projection"]]["shape"], share.residual_rank, multiple, fallback)
+             for g in record["groups"]]
+    dense_total = sum(options[0][0] for options in items)
+    if not dense_total:
+        raise CompressorError(f"share.projections: none of {share.projections} is left in the model to share")
+    capacity = math.floor((1 - share.reduction) * dense_total)
+    if share.allocate == "error":
+        solution = solve_knapsack([[(option[0], option[1]) for option in options] for options in items], capacity)
+        if solution is None:
+            smallest = sum(min(option[0] for option in options) for options in items)
+            raise CompressorError(
+                f"share.reduction: {share.reduction} is out of reach; with rank multiple {multiple} and residual "
+                f"rank {share.residual_rank} at most {1 - smallest / dense_total:.3f} of these parameters can go")
+        picks = [options[choice] for options, choice in zip(items, solution[0])]
+    else:
+        picks = []
+        for group in record["groups"]:
+            out_features, in_features = record["projections"][group["projection"]]["shape"]
+            layers = len(group["layers"])
+            rank = rank_for_budget(in_features, out_features, layers, 1 - share.reduction, share.residual_rank,
+                                   multiple)
+            if rank == 0:
+                raise CompressorError(
+                    f"share.reduction: {share.reduction} leaves {group['projection']} of layers {group['layers']} "
+                    f"no rank that is a multiple of {multiple}; lower the reduction or rank_multiple")
+            picks.append((shared_parameters(in_features, out_features, layers, rank, share.residual_rank),
+                          group["cost"][rank], rank, False))
+    groups, counters = [], {}
+
+    def add(projection: str, layers: list[int], rank, size: int, dense: int, error: float, note: str | None = None):
+        entry = {"projection": projection, "layers": layers, "rank": rank,
+                 "residual_rank": share.residual_rank if rank else 0, "parameters": size, "dense_parameters": dense,
+                 "expected_error": round(error / len(layers), 6)}
+        if rank:
+            index = counters.get(projection, 0)
+            counters[projection] = index + 1
+            entry["basis"] = basis_key(projection, index)
+        if note:
+            entry["note"] = note
+        groups.append(entry)
+
+    for group, options, (size, error, rank, per_layer) in zip(record["groups"], items, picks):
+        projection, layers = group["projection"], group["layers"]
+        if not per_layer:
+            add(projection, layers, rank, size, options[0][0], error)
+            continue
+        note = (f"per-layer fallback: sharing layers {layers[0]}-{layers[-1]} cost more error than a basis per "
+                f"layer at these parameters")
+        out_features, in_features = record["projections"][projection]["shape"]
+        for layer, curve, layer_rank in zip(layers, group["layer_costs"], rank):
+            dense = in_features * out_features
+            size = shared_parameters(in_features, out_features, 1, layer_rank, share.residual_rank) if layer_rank else dense
+            add(projection, [layer], layer_rank, size, dense, curve[layer_rank] if layer_rank else 0.0, note)
+    parameters = sum(g["parameters"] for g in groups)
+    shared_parameters_total = sum(g["parameters"] for g in groups if g["rank"] and len(g["layers"]) > 1)
+    return {"fit": share.fit, "projections": list(share.projections), "reduction": share.reduction,
+            "grouping": share.grouping, "group_size": share.group_size, "allocate": share.allocate,
+            "per_layer_fallback": fallback, "rank_multiple": multiple, "groups": groups,
+            "dense_parameters": dense_total, "parameters": parameters,
+            "parameters_in_shared_groups": shared_parameters_total,
+            "achieved_reduction": round(1 - parameters / dense_total, 6),
+            "predicted_tensor_bytes": record["other_tensor_bytes"] + parameters * record["bytes_per_parameter"]}
+
+
+def shared_groups(plan: dict) -> list[dict]:
+    """The plan's groups that share a basis (a group left dense is not one)."""
+    return [g for g in ((plan.get("sharing") or {}).get("groups") or []) if g.get("rank")]
+
+
+def validate_sharing(plan: dict, where: str) -> None:
+    from compressor.transforms.share import unit_of
+
+    seen, bases = set(), set()
+    for i, group in enumerate(shared_groups(plan)):
+        at = f"{where}: sharing.groups[{i}]"
+        projection, layers, rank = group.get("projection"), group.get("layers"), group.get("rank")
+        if not isinstance(layers, list) or not layers or not isinstance(rank, int) or rank < 1:
+            raise CompressorError(f"{at} needs a non-empty 'layers' list and a rank >= 1")
+        if group.get("basis") in bases:
+            raise CompressorError(f"{at}: basis {group.get('basis')!r} is used by two groups")
+        bases.add(group.get("basis"))
+        for layer in layers:
+            kind = unit_of(projection)
+            if not isinstance(layer, int) or not 0 <= layer < len(plan["layers"]) or plan["layers"][layer][kind] != "keep":
+                raise CompressorError(f"{at}: layer {layer!r} does not keep its {kind} unit, so its {projection} "
+                                      "cannot be shared")
+            if (layer, projection) in seen:
+                raise CompressorError(f"{at}: {projection} of layer {layer} is in two groups")
+            seen.add((layer, projection))

@@ -133,6 +133,42 @@ class SparseTokens(Strict):
         return self
 
 
+Projection = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Share(Strict):
+    """Cross-layer weight sharing (see compressor.transforms.share): each listed projection is
+    grouped across layers; a group stores one basis and per-layer coefficients."""
+    projections: list[Projection] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    # Fraction of the listed projections' parameters to remove (0.2: 20 % fewer).
+    reduction: float = Field(0.2, gt=0, lt=1)
+    # `activation`: whitened by the calibration inputs, coefficients refit by least squares;
+    # `weight`: SVD of the stacked weights alone.
+    fit: Literal["activation", "weight"] = "activation"
+    # `similarity`: contiguous groups chosen to maximize the weight-subspace overlap inside each
+    # group (as many groups as `adjacent` would make, each at most twice `group_size`);
+    # `adjacent`: consecutive runs of `group_size` layers. group_size 1 is per-layer truncated SVD.
+    grouping: Literal["similarity", "adjacent"] = "similarity"
+    group_size: int = Field(5, ge=1)
+    # `error`: ranks chosen across all groups (an exact knapsack) to minimize the summed per-layer
+    # relative fit error within the budget, so a group may stay dense; `uniform`: every group keeps
+    # the same fraction of its parameters.
+    allocate: Literal["error", "uniform"] = "error"
+    # With `allocate: error`, a group may instead give each of its layers its own basis (per-layer
+    # truncated SVD) where that costs less error for its parameters than sharing.
+    per_layer_fallback: bool = True
+    # A per-layer low-rank correction of this rank beside the shared part (0: none).
+    residual_rank: int = Field(0, ge=0)
+    # Ranks are multiples of this (and of the quantization group size when quantizing).
+    rank_multiple: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def distinct_projections(self):
+        if len(set(self.projections)) != len(self.projections):
+            raise ValueError(f"projections must not repeat, got {self.projections}")
+        return self
+
+
 class Analysis(Strict):
     removal_sensitivity: bool = False
     batch_size: int = Field(4, ge=1)
@@ -173,6 +209,7 @@ class Recipe(Strict):
     remove: Removal | None = None
     quantize: Quantize | None = None
     sparse_tokens: SparseTokens | None = None
+    share: Share | None = None
     evaluate: Evaluation = Evaluation()
     export: list[Literal["safetensors"]] = ["safetensors"]
 

@@ -65,10 +65,22 @@ def sparse_tokens_summary(plan: dict | None) -> dict | None:
                                  "reason")}
 
 
+def sharing_summary(plan: dict | None) -> dict | None:
+    spec = (plan or {}).get("sharing")
+    if not spec:
+        return None
+    shared = [g for g in spec["groups"] if g.get("rank")]
+    return {k: spec[k] for k in ("fit", "projections", "grouping", "allocate", "reduction", "achieved_reduction",
+                                 "dense_parameters", "parameters")} | {
+        "groups": [{k: g[k] for k in ("projection", "layers", "rank", "residual_rank", "basis")} for g in shared],
+        "dense_groups": [{"projection": g["projection"], "layers": g["layers"]} for g in spec["groups"] if not g.get("rank")]}
+
+
 def artifact_report(name: str, metrics: dict, original: dict | None, plan: dict | None) -> dict:
     removal = (plan or {}).get("removal") or {}
     return {"name": name, "compressed": metrics, "original": original, "removed_units": removal.get("removed", []),
-            "quantization": quantization_summary(plan), "sparse_tokens": sparse_tokens_summary(plan)}
+            "sharing": sharing_summary(plan), "quantization": quantization_summary(plan),
+            "sparse_tokens": sparse_tokens_summary(plan)}
 
 
 def needle_table(needles: dict) -> str:
@@ -93,6 +105,16 @@ def report_markdown(report: dict) -> str:
              evaluation_note(report["compressed"]), ""]
     if removed:
         lines.append("Removed units: " + ", ".join(f"layer {u['layer']} {u['unit']}" for u in removed))
+    sharing = report.get("sharing")
+    if sharing:
+        lines += ["", f"Weight sharing ({sharing['fit']} fit, {sharing['grouping']} groups, ranks by "
+                      f"{sharing['allocate']}): {sharing['achieved_reduction']:.1%} fewer parameters in "
+                      f"{', '.join(sharing['projections'])} ({sharing['dense_parameters'] / 1e6:.2f}M -> "
+                      f"{sharing['parameters'] / 1e6:.2f}M); {len(sharing['dense_groups'])} groups left dense.", "",
+                  "| projection | layers | rank | basis |", "|---|---|---|---|"]
+        lines += [f"| {g['projection']} | {', '.join(map(str, g['layers']))} | {g['rank']}"
+                  f"{' + ' + str(g['residual_rank']) + ' per layer' if g['residual_rank'] else ''} | {g['basis']} |"
+                  for g in sharing["groups"]]
     quantization = report.get("quantization")
     if quantization:
         widths = ", ".join(f"{n} x {b}-bit" for b, n in sorted(quantization["units_per_width"].items(),

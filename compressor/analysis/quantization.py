@@ -15,16 +15,17 @@ from compressor.analysis.removal import _Scorer
 from compressor.bit_allocation import allocation_units
 from compressor.progress import progress
 from compressor.transforms.quantize_model import (
-    EMBEDDING, accumulate_hessians, decoder_linears, embedded_inputs, layer_linears, linear_layer_and_unit,
+    EMBEDDING, accumulate_hessians, embedded_inputs, layer_linears, unit_of_linear,
     quantize_layer_linears, run_layer)
 
 
 def quantization_inventory(model) -> dict:
     """Shapes of the decoder linears, the embedding, and the bytes of every other stored tensor."""
     linears = []
-    for name, module in decoder_linears(model):
-        layer, unit = linear_layer_and_unit(name)
-        linears.append({"name": name, "layer": layer, "unit": unit, "shape": list(module.weight.shape)})
+    for layer in range(len(model.model.layers)):
+        for name, module in layer_linears(model, layer):
+            linears.append({"name": name, "layer": layer, "unit": unit_of_linear(name),
+                            "shape": list(module.weight.shape)})
     quantizable = {f"{lin['name']}.weight" for lin in linears} | {f"{EMBEDDING}.weight"}
     other = sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
                 if name not in quantizable and not (model.config.tie_word_embeddings and name == "lm_head.weight"))

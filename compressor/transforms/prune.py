@@ -21,6 +21,16 @@ def remove_units(model: CompressedForCausalLM, plan: dict) -> CompressedForCausa
             if decision[kind] == "keep" and not present:
                 raise CompressorError(f"plan keeps layers[{i}].{kind} but the model has no such unit")
     config_dict["block_configs"] = block_configs(plan)
+    if config_dict.get("weight_sharing"):
+        # A shared basis stays for the layers that keep the projection's unit (none left: it goes).
+        kinds = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "attention"}
+        kept = []
+        for group in config_dict["weight_sharing"]:
+            kind = kinds.get(group["projection"], "mlp")
+            layers = [layer for layer in group["layers"] if plan["layers"][layer][kind] == "keep"]
+            if layers:
+                kept.append(dict(group, layers=layers))
+        config_dict["weight_sharing"] = kept or None
     if plan.get("sparse_tokens"):
         config_dict["sparse_tokens"] = sparse_settings(plan)
     config = CompressedConfig(**{k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")})

@@ -19,8 +19,6 @@ from compressor.transforms.quantize import QuantFormat, QuantizedWeight, gptq_qu
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
-# Linears reading the same input share one Hessian.
-SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 # GPTQ quantizes a layer's linears in this order, measuring each step's inputs with the earlier
 # steps already quantized ("true sequential"): o_proj sees the attention output of quantized
 # q/k/v, down_proj the activations of quantized gate/up.
@@ -29,13 +27,29 @@ EMBEDDING = "model.embed_tokens"
 
 
 def layer_linears(model, layer: int) -> list[tuple[str, torch.nn.Linear]]:
-    """(module name, module) of the linears present in a decoder layer, attention first."""
+    """(module name, module) of the linears present in a decoder layer, attention first.
+
+    A projection factored by weight sharing contributes its leaf linears: the shared basis (listed
+    with the first layer of its group, which quantizes it), the layer's coefficients, and any
+    low-rank residual."""
+    from compressor.modeling import FactoredLinear
+
     block = model.model.layers[layer]
     found = []
-    if block.self_attn is not None:
-        found += [(f"model.layers.{layer}.self_attn.{n}", getattr(block.self_attn, n)) for n in ATTENTION_LINEARS]
-    if block.mlp is not None:
-        found += [(f"model.layers.{layer}.mlp.{n}", getattr(block.mlp, n)) for n in MLP_LINEARS]
+    for unit_name, unit, names in (("self_attn", block.self_attn, ATTENTION_LINEARS), ("mlp", block.mlp, MLP_LINEARS)):
+        if unit is None:
+            continue
+        for short in names:
+            module, name = getattr(unit, short), f"model.layers.{layer}.{unit_name}.{short}"
+            if not isinstance(module, FactoredLinear):
+                found.append((name, module))
+                continue
+            group = model.config.sharing_group(layer, short)
+            if group["layers"][0] == layer:
+                found.append((f"model.shared_bases.{module.basis_key}", module.basis))
+            found.append((f"{name}.coefficients", module.coefficients))
+            if module.residual_down is not None:
+                found += [(f"{name}.residual_down", module.residual_down), (f"{name}.residual_up", module.residual_up)]
     return found
 
 
@@ -43,9 +57,23 @@ def decoder_linears(model) -> list[tuple[str, torch.nn.Linear]]:
     return [item for layer in range(len(model.model.layers)) for item in layer_linears(model, layer)]
 
 
-def linear_layer_and_unit(name: str) -> tuple[int, str]:
+def projection_of(name: str) -> str:
+    """The projection a linear belongs to: `q_proj` for q_proj itself, its coefficients, residual or
+    shared basis (`model.shared_bases.q_proj_g0`)."""
     parts = name.split(".")
-    return int(parts[2]), "attention" if parts[3] == "self_attn" else "mlp"
+    if parts[1] == "shared_bases":
+        return parts[2].rsplit("_g", 1)[0]
+    return parts[4]
+
+
+def unit_of_linear(name: str) -> str:
+    return "attention" if projection_of(name) in ATTENTION_LINEARS else "mlp"
+
+
+def reads_factor_output(name: str) -> bool:
+    """Coefficients and residual up-projections read another factor's output, so GPTQ quantizes
+    them after that factor (and sees its quantization error)."""
+    return name.endswith((".coefficients", ".residual_up"))
 
 
 def set_weight(module: torch.nn.Module, quantized: QuantizedWeight) -> None:
@@ -70,8 +98,8 @@ def _rotary_and_mask(model, tokens: int):
 @torch.no_grad()
 def accumulate_hessians(model, layer: int, hidden: list[torch.Tensor], wanted: list[str],
                         token_weighting: str = "equal") -> dict[str, torch.Tensor]:
-    """X^T X / n of the inputs of each wanted linear of `layer` (inputs shared by q/k/v and gate/up
-    are summed once), with `hidden` the layer's input batches.
+    """X^T X / n of the inputs of each wanted linear of `layer`, with `hidden` the layer's input
+    batches (a shared basis sees this layer's input only).
 
     `equal` scales every token's input to unit norm first. Plain X^T X (`raw`) is dominated by the
     few tokens carrying massive activations (attention sinks, delimiters: norms hundreds of times
@@ -79,23 +107,18 @@ def accumulate_hessians(model, layer: int, hidden: list[torch.Tensor], wanted: l
     embedded model that made GPTQ worse than round-to-nearest."""
     block = model.model.layers[layer]
     modules = dict(layer_linears(model, layer))
-    sources = {SHARED_INPUT.get(name.rsplit(".", 1)[1], name.rsplit(".", 1)[1]) for name in wanted}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
-    for name, module in modules.items():
-        short = name.rsplit(".", 1)[1]
-        if short not in sources:
-            continue
-
-        def hook(_module, args, short=short):
+    for name in wanted:
+        def hook(_module, args, name=name):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             if token_weighting == "equal":
                 x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-            sums[short] = sums.get(short, 0) + x.T @ x
-            counts[short] = counts.get(short, 0) + x.shape[0]
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
 
-        hooks.append(module.register_forward_pre_hook(hook))
+        hooks.append(modules[name].register_forward_pre_hook(hook))
     try:
         cos, sin, mask = _rotary_and_mask(model, hidden[0].shape[1])
         for h in hidden:
@@ -103,12 +126,7 @@ def accumulate_hessians(model, layer: int, hidden: list[torch.Tensor], wanted: l
     finally:
         for handle in hooks:
             handle.remove()
-    result = {}
-    for name in wanted:
-        short = name.rsplit(".", 1)[1]
-        source = SHARED_INPUT.get(short, short)
-        result[name] = sums[source] / counts[source]
-    return result
+    return {name: sums[name] / counts[name] for name in wanted}
 
 
 @torch.no_grad()
@@ -141,6 +159,17 @@ def quantize_layer_linears(model, layer: int, formats: dict[str, QuantFormat], m
     return results
 
 
+def sequential_steps(wanted: list[str]) -> list[list[str]]:
+    """GPTQ's order within a layer: the steps of SEQUENTIAL_STEPS, each split so that factors reading
+    another factor's output come after it."""
+    steps = []
+    for step in SEQUENTIAL_STEPS:
+        names = [name for name in wanted if projection_of(name) in step]
+        steps += [part for part in ([n for n in names if not reads_factor_output(n)],
+                                    [n for n in names if reads_factor_output(n)]) if part]
+    return steps
+
+
 @torch.no_grad()
 def quantize_model(model, formats: dict[str, QuantFormat], method: str = "gptq", calibration: torch.Tensor | None = None,
                    batch_size: int = 4, damp: float = 0.01, act_order: bool = False,
@@ -165,13 +194,11 @@ def quantize_model(model, formats: dict[str, QuantFormat], method: str = "gptq",
         if method == "rtn":
             results.update(quantize_layer_linears(model, layer, formats, method, None, keep_exact, damp, act_order))
             continue
-        for step in SEQUENTIAL_STEPS:
-            names = [name for name in wanted if name.rsplit(".", 1)[1] in step]
-            if names:
-                hessians = accumulate_hessians(model, layer, hidden, names, token_weighting)
-                step_formats = {name: formats[name] for name in names}
-                results.update(quantize_layer_linears(model, layer, step_formats, method, hessians, keep_exact,
-                                                      damp, act_order))
+        for names in sequential_steps(wanted):
+            hessians = accumulate_hessians(model, layer, hidden, names, token_weighting)
+            step_formats = {name: formats[name] for name in names}
+            results.update(quantize_layer_linears(model, layer, step_formats, method, hessians, keep_exact,
+                                                  damp, act_order))
         if hidden is not None:
             hidden = run_layer(model, layer, hidden)
     return results
