@@ -128,7 +128,7 @@ def markdown(data: dict) -> str:
              f"tokens, greedy, median of {settings['repeats']}, fresh process. Shared groups: by similarity, "
              f"{settings['group_size']} layers on average; ranks by fit error (multiples of 32) for every method.", "",
              "| target | method | removed (achieved) | parameters M | in shared groups M | MB | perplexity | "
-             "prefill 512 s | decode tok/s |",
+             f"prefill {settings['prompt_tokens']} s | decode tok/s |",
              "|---|---|---|---|---|---|---|---|---|",
              f"| - | original | - | {original['parameters'] / 1e6:.2f} | - | {original['bytes'] / 1e6:.1f} | "
              f"{original['perplexity']:.2f} | {original['prefill_seconds']:.3f} | "
