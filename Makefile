@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.removal
 	$(BIN)/python -m bench.quantization
 	$(BIN)/python -m bench.sparse_tokens
+	$(BIN)/python -m bench.sharing
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -331,3 +331,45 @@ def test_edited_plan_sharing_a_removed_unit_is_refused(shared):
     plan["layers"][group["layers"][0]]["attention"] = "remove"
     with pytest.raises(CompressorError, match="does not keep its attention unit"):
         validate_plan(plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+SHARE_RECIPE = """\
+name: tiny-shared
+calibration: {text: embedded, samples: 2, seq_len: 32, seed: 0}
+share: {projections: [q_proj, o_proj], reduction: REDUCTION, group_size: 3, rank_multiple: 8}
+evaluate: {text: embedded, windows: 2, seq_len: 64, speed: {prompt_tokens: 16, new_tokens: 4, repeats: 1},
+           compare_original: false}
+"""
+
+
+def test_analyze_and_plan_commands_print_the_groups(capsys, tmp_path, tiny_model_folder):
+    from test_cli_errors import run_cli
+
+    recipe = tmp_path / "shared.yaml"
+    recipe.write_text(SHARE_RECIPE.replace("REDUCTION", "0.3"))
+    code, _, err = run_cli(capsys, ["analyze", "--model", tiny_model_folder["llama"], "--recipe", recipe,
+                                    "--out", tmp_path / "analysis", "--quiet"])
+    assert code == 0, err
+    code, stdout, err = run_cli(capsys, ["plan", "--recipe", recipe, "--analysis", tmp_path / "analysis" / "analysis.json",
+                                         "--out", tmp_path / "plan.json"])
+    assert code == 0, err
+    plan = read_json(tmp_path / "plan.json")
+    assert "plan: share q_proj, o_proj (activation fit, similarity groups)" in stdout
+    assert stdout.count("expected error") == len(plan["sharing"]["groups"])
+    assert plan["sharing"]["achieved_reduction"] >= 0.3
+
+
+def test_unreachable_reduction_is_one_error_line_and_writes_nothing(capsys, tmp_path, tiny_model_folder):
+    from test_cli_errors import assert_nothing_written, assert_one_error_line, run_cli
+
+    recipe = tmp_path / "shared.yaml"
+    recipe.write_text(SHARE_RECIPE.replace("REDUCTION", "0.95"))
+    out = tmp_path / "artifact"
+    code, _, err = run_cli(capsys, ["--recipe", recipe, "--model", tiny_model_folder["llama"], "--out", out, "--quiet"])
+    assert code == 2
+    assert "share.reduction: 0.95 is out of reach" in assert_one_error_line(err)
+    assert_nothing_written(out)
