@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from bench.common import command_line, machine, write_results
 from compressor.analysis.sharing import sharing_analysis
@@ -68,7 +67,8 @@ def main() -> None:
     loaded = load_model("embedded", quiet=True)
     model, tokenizer = loaded.model, loaded.tokenizer
     text = default_evaluation_text()
-    eval_windows = evaluation_windows(tokenizer, text, windows_count, seq_len).input_ids
+    evaluation = evaluation_windows(tokenizer, text, windows_count, seq_len)
+    eval_windows = evaluation.input_ids
     prompt = eval_windows[0, :prompt_tokens]
     cal = calibration_windows(tokenizer, calibration.text, calibration.samples, calibration.seq_len,
                               calibration.seed).input_ids
@@ -80,14 +80,14 @@ def main() -> None:
     original = measure(model, tokenizer, eval_windows, prompt, new_tokens, repeats)
     rows = [dict(original, name="original", target=None, reduction=0.0, method="original", fit_seconds=0.0)]
     print(f"original: ppl {original['perplexity']:.2f}", flush=True)
-    records = {}  # the analysis does not depend on the reduction: one per scope, fit and group size
+    records = {}  # the analysis does not depend on the reduction: one per scope, fit, group size, fallback
     for scope, reduction in targets:
         projections = list(ATTENTION_PROJECTIONS if scope == "attention" else PROJECTIONS)
         for label, fit, group_size, fallback in METHODS:
             share = Share(projections=projections, reduction=reduction, fit=fit, grouping="similarity",
                           group_size=group_size or args.group_size, per_layer_fallback=fallback)
             t0 = time.perf_counter()
-            key = (scope, fit, share.group_size)
+            key = (scope, fit, share.group_size, fallback)
             if key not in records:
                 records[key] = sharing_analysis(model, share, calibration, cal, 4, quiet=True, moments=moments)[0]
             record = records[key]
@@ -108,7 +108,7 @@ def main() -> None:
             del shared
 
     data = {"benchmark": "sharing", "command": command_line(), "machine": machine(),
-            "settings": {"calibration": calibration.model_dump(), "evaluation_text": text,
+            "settings": {"calibration": calibration.model_dump(), "evaluation_text": evaluation.record,
                          "evaluation_windows": windows_count, "seq_len": seq_len, "prompt_tokens": prompt_tokens,
                          "new_tokens": new_tokens, "repeats": repeats, "group_size": args.group_size,
                          "allocate": "error", "rank_multiple": 32, "moment_seconds": moment_seconds},

@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +19,7 @@ import torch
 import compressor
 from compressor.errors import CompressorError
 from compressor.modeling import FactoredLinear
-from compressor.plan import make_plan, plan_sharing, share_groups
+from compressor.plan import plan_sharing, share_groups
 from compressor.recipe import Share, parse_recipe
 from compressor.transforms.share import (FITS, fit_shared, full_rank, rank_for_budget, relative_error,
                                          shared_parameters)
@@ -261,6 +259,7 @@ def test_composed_plan_shares_only_kept_units_and_quantizes_the_factors(shared_r
 def test_composed_artifact_reloads_to_the_in_memory_logits(shared_removed_quantized):
     expected = logits(shared_removed_quantized.model)
     assert max_diff(logits(compressor.load(shared_removed_quantized.folder).model), expected) < 1e-4
+    assert max_diff(logits(auto_load(shared_removed_quantized.folder, dtype=torch.float32)), expected) < 1e-4
 
 
 def test_composed_artifact_holds_the_predicted_bytes(shared_removed_quantized):
@@ -295,7 +294,7 @@ def test_planner_shares_where_sharing_costs_less():
 
 
 def test_planner_falls_back_to_a_basis_per_layer_where_that_costs_less():
-    spec = plan_sharing(Share(projections=["q_proj"], reduction=0.25, rank_multiple=1),
+    spec = plan_sharing(Share(projections=["q_proj"], reduction=0.25, rank_multiple=1, per_layer_fallback=True),
                         record(linear_curve(8, 1.0, 2), [linear_curve(8, 0.01), linear_curve(8, 0.01)]))
     assert [g["layers"] for g in spec["groups"]] == [[0], [1]]
     # Best per-layer choice for 96 parameters: one layer dense (64), the other at rank 2 (32), cost
@@ -327,9 +326,10 @@ def test_edited_plan_sharing_a_removed_unit_is_refused(shared):
     from compressor.plan import validate_plan
 
     plan = read_json(shared.folder / "plan.json")
-    group = next(g for g in plan["sharing"]["groups"] if g["rank"] and g["projection"] == "q_proj")
-    plan["layers"][group["layers"][0]]["attention"] = "remove"
-    with pytest.raises(CompressorError, match="does not keep its attention unit"):
+    group = next(g for g in plan["sharing"]["groups"] if g["rank"])
+    kind = "attention" if group["projection"] in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    plan["layers"][group["layers"][0]][kind] = "remove"
+    with pytest.raises(CompressorError, match=f"does not keep its {kind} unit"):
         validate_plan(plan)
 
 

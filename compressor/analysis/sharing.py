@@ -25,7 +25,7 @@ SUBSPACE_FRACTION = 0.5
 
 def sharing_key(share, calibration) -> dict:
     """What a recorded sharing analysis must match to be reused by a plan."""
-    key = {k: getattr(share, k) for k in ("projections", "fit", "grouping", "group_size")}
+    key = {k: getattr(share, k) for k in ("projections", "fit", "grouping", "group_size", "per_layer_fallback")}
     if share.fit == "activation":
         key["calibration"] = calibration.model_dump()
     return key
@@ -83,7 +83,7 @@ def sharing_analysis(model, share, calibration, windows: torch.Tensor, batch_siz
             hessians = [moments[(layer, projection)] for layer in members] if moments is not None else None
             curve = cost_curve([weights[layer] for layer in members], share.fit, hessians)
             entry = {"projection": projection, "layers": members, "cost": rounded(curve)}
-            if len(members) > 1:  # what each layer alone would cost: the planner's per-layer fallback
+            if share.per_layer_fallback and len(members) > 1:  # each layer alone: the per-layer fallback
                 entry["layer_costs"] = [rounded(cost_curve([weights[layer]], share.fit, None if hessians is None
                                                            else [hessians[i]])) for i, layer in enumerate(members)]
             groups.append(entry)
