@@ -373,3 +373,21 @@ def test_unreachable_reduction_is_one_error_line_and_writes_nothing(capsys, tmp_
     assert code == 2
     assert "share.reduction: 0.95 is out of reach" in assert_one_error_line(err)
     assert_nothing_written(out)
+
+
+def test_removal_from_a_shared_model_drops_the_layer_from_its_group(shared):
+    from compressor.transforms.prune import remove_units
+
+    plan = read_json(shared.folder / "plan.json")
+    group = next(g for g in plan["sharing"]["groups"] if g["rank"] and len(g["layers"]) > 1)
+    kind = "attention" if group["projection"] in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    layer = group["layers"][0]
+    plan["layers"][layer][kind] = "remove"
+    smaller = remove_units(shared.model, plan)
+    entry = next(g for g in smaller.config.weight_sharing if g["basis"] == group["basis"])
+    assert entry["layers"] == group["layers"][1:]
+    before, after = shared.model.state_dict(), smaller.state_dict()
+    assert not any(name.startswith(f"model.layers.{layer}.{'self_attn' if kind == 'attention' else 'mlp'}.")
+                   for name in after)
+    assert all(torch.equal(before[name], tensor) for name, tensor in after.items())
+    assert torch.isfinite(logits(smaller)).all()

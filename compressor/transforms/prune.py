@@ -23,11 +23,11 @@ def remove_units(model: CompressedForCausalLM, plan: dict) -> CompressedForCausa
     config_dict["block_configs"] = block_configs(plan)
     if config_dict.get("weight_sharing"):
         # A shared basis stays for the layers that keep the projection's unit (none left: it goes).
-        kinds = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "attention"}
+        from compressor.transforms.share import unit_of
+
         kept = []
         for group in config_dict["weight_sharing"]:
-            kind = kinds.get(group["projection"], "mlp")
-            layers = [layer for layer in group["layers"] if plan["layers"][layer][kind] == "keep"]
+            layers = [layer for layer in group["layers"] if plan["layers"][layer][unit_of(group["projection"])] == "keep"]
             if layers:
                 kept.append(dict(group, layers=layers))
         config_dict["weight_sharing"] = kept or None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from compressor.modeling import causal_mask
+from compressor.modeling import FactoredLinear, causal_mask
 from compressor.progress import progress
 from compressor.transforms.quantize import QuantFormat, QuantizedWeight, gptq_quantize, rtn_quantize
 
@@ -32,8 +32,6 @@ def layer_linears(model, layer: int) -> list[tuple[str, torch.nn.Linear]]:
     A projection factored by weight sharing contributes its leaf linears: the shared basis (listed
     with the first layer of its group, which quantizes it), the layer's coefficients, and any
     low-rank residual."""
-    from compressor.modeling import FactoredLinear
-
     block = model.model.layers[layer]
     found = []
     for unit_name, unit, names in (("self_attn", block.self_attn, ATTENTION_LINEARS), ("mlp", block.mlp, MLP_LINEARS)):
