@@ -391,3 +391,16 @@ def test_removal_from_a_shared_model_drops_the_layer_from_its_group(shared):
                    for name in after)
     assert all(torch.equal(before[name], tensor) for name, tensor in after.items())
     assert torch.isfinite(logits(smaller)).all()
+
+
+def test_analysis_reads_a_factored_projection_as_its_equivalent_matrix(shared):
+    from compressor.analysis.collect import weight_statistics
+    from compressor.modeling import projection_weight
+
+    module = next(m for m in shared.model.modules() if isinstance(m, FactoredLinear))
+    ids = torch.randn(3, module.in_features)
+    with torch.no_grad():
+        assert torch.allclose(module(ids), torch.nn.functional.linear(ids, projection_weight(module), module.bias),
+                              atol=1e-5)
+    stats = weight_statistics(shared.model)
+    assert len(stats) == 6 and all(0 < entry["zd"] < 1 for entry in stats)
