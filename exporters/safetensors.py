@@ -59,18 +59,35 @@ def _write_quantized(model, folder: Path, quantized: dict) -> None:
     save_file(state, str(folder / MODEL_FILE), metadata={"format": "pt"})
 
 
+def read_quantized_weights(folder: str | Path, state: dict | None = None) -> dict:
+    """Module name -> QuantizedWeight (codes, scales, exact weights) of an artifact's packed weights;
+    empty when the artifact is not quantized. The ONNX exporter writes these codes as they are."""
+    from safetensors.torch import load_file
+
+    from compressor.modeling import CompressedConfig
+    from exporters.quantized_layout import formats_from_config, unpack_weight
+
+    folder = Path(folder)
+    config = CompressedConfig.from_pretrained(folder)
+    if not getattr(config, "quantization_config", None):
+        return {}
+    state = load_file(str(folder / MODEL_FILE)) if state is None else state
+    weights = {}
+    for name, fmt in formats_from_config(config.quantization_config).items():
+        try:
+            weights[name] = unpack_weight(name, state, fmt)
+        except KeyError as exc:
+            raise CompressorError(f"{folder / MODEL_FILE}: packed tensor {exc} of {name} is missing") from None
+    return weights
+
+
 def _read_quantized(folder: Path, config) -> "torch.nn.Module":
     from safetensors.torch import load_file
 
     from compressor.modeling import build_with_weights
-    from exporters.quantized_layout import formats_from_config, unpack_weight
 
     state = load_file(str(folder / MODEL_FILE))
-    for name, fmt in formats_from_config(config.quantization_config).items():
-        try:
-            weight = unpack_weight(name, state, fmt)
-        except KeyError as exc:
-            raise CompressorError(f"{folder / MODEL_FILE}: packed tensor {exc} of {name} is missing") from None
+    for name, weight in read_quantized_weights(folder, state).items():
         for suffix in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
             state.pop(f"{name}.{suffix}", None)
         weight.exact_index = weight.exact_value = None  # restored by the model on its first forward

@@ -1,0 +1,1 @@
+"""ONNX export of compressed artifacts (`export`) and its ONNX Runtime loader (`loader`)."""

@@ -1,0 +1,196 @@
+"""Loads an artifact's `onnx/` folder into ONNX Runtime sessions and runs them: prefill (whole or
+through the sparse-token graph), one decoding step with the KV cache, and logits for scoring.
+
+Files are checked before any session is made, so a missing graph, a missing or truncated
+external-data file and a corrupted .onnx each give one clear error naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from compressor.errors import CompressorError
+from exporters.onnx.export import DECODER_FILE, MANIFEST_FILE, ONNX_DIR, SPARSE_FILE
+
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+# What ONNX Runtime computes a fused DequantizeLinear -> MatMul (MatMulNBits) in: "fp32" keeps the
+# graph equal to the torch model; "int8" quantizes activations on the fly (ONNX Runtime's own
+# default for this fusion, faster on CPU, logits off by ~1e-2).
+MATMUL_ACCURACY = {"fp32": "1", "int8": "4"}
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def choose_providers(available: list[str], requested: list[str] | None = None) -> list[str]:
+    """The execution providers to use: CUDA then CPU when CUDA is present (onnxruntime-gpu), else
+    CPU; an explicit request must name available providers."""
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise CompressorError(f"execution provider(s) {missing} are not available in this onnxruntime "
+                                  f"build; available: {', '.join(available)}")
+        return list(requested)
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+def _graph_optimization(level: str):
+    import onnxruntime as ort
+
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if level not in levels:
+        raise CompressorError(f"graph optimization level {level!r} is not one of {', '.join(OPTIMIZATION_LEVELS)}")
+    return levels[level]
+
+
+def session_options(threads: int | None = None, optimization: str = "all", matmul_accuracy: str = "fp32"):
+    """ONNX Runtime session options: intra-op threads (None: its default), graph optimization level,
+    and the compute of fused DequantizeLinear -> MatMul (see MATMUL_ACCURACY)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _graph_optimization(optimization)
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if matmul_accuracy not in MATMUL_ACCURACY:
+        raise CompressorError(f"matmul_accuracy {matmul_accuracy!r} is not one of {', '.join(MATMUL_ACCURACY)}")
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", MATMUL_ACCURACY[matmul_accuracy])
+    return options
+
+
+def check_files(onnx_dir: Path, graph: str) -> None:
+    """One clear error for a missing graph, an unreadable one, or missing / short external data."""
+    import onnx
+
+    path = onnx_dir / graph
+    if not path.is_file():
+        raise CompressorError(f"{onnx_dir.parent}: no ONNX export ({ONNX_DIR}/{graph} not found); "
+                              f"write one with: compress export onnx {onnx_dir.parent}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise CompressorError(f"{path}: not a readable ONNX model ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else 'parse error'}); "
+                              "export it again with: compress export onnx") from None
+    needed: dict[str, int] = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entry = {e.key: e.value for e in tensor.external_data}
+            end = int(entry.get("offset", 0)) + int(entry.get("length", 0))
+            needed[entry["location"]] = max(needed.get(entry["location"], 0), end)
+    for location, end in needed.items():
+        data = onnx_dir / location
+        if not data.is_file():
+            raise CompressorError(f"{path}: its external-data file {data} is missing; "
+                                  "export it again with: compress export onnx")
+        if data.stat().st_size < end:
+            raise CompressorError(f"{data}: external data is truncated ({data.stat().st_size} bytes, "
+                                  f"{path.name} needs {end}); export it again with: compress export onnx")
+
+
+@dataclass
+class OnnxState:
+    """Decoding state: next-token logits (batch, vocab), the KV cache arrays in graph-input order,
+    the attention mask over cached tokens, the next positions and the prompt positions kept."""
+
+    logits: np.ndarray
+    cache: list[np.ndarray]
+    attention_mask: np.ndarray
+    next_positions: np.ndarray
+    selected: list[np.ndarray] | None = None
+
+
+class OnnxDecoder:
+    def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 optimization: str = "all", matmul_accuracy: str = "fp32", graph: str = DECODER_FILE):
+        import onnxruntime as ort
+
+        self.folder = Path(onnx_dir)
+        check_files(self.folder, graph)
+        self.has_sparse_prefill = graph == DECODER_FILE and (self.folder / SPARSE_FILE).is_file()
+        if self.has_sparse_prefill:
+            check_files(self.folder, SPARSE_FILE)
+        manifest = self.folder / MANIFEST_FILE
+        self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        self.providers = choose_providers(ort.get_available_providers(), providers)
+        options = session_options(threads, optimization, matmul_accuracy)
+        self.session = self._session(graph, options)
+        self.sparse_session = self._session(SPARSE_FILE, options) if self.has_sparse_prefill else None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [name for name in inputs if name.startswith("past_key_values.")]
+        self.present_names = [o.name for o in self.session.get_outputs()][1:]
+        if self.past_names:
+            shape = inputs[self.past_names[0]].shape
+            self.kv_heads, self.head_dim = shape[1], shape[3]
+
+    def _session(self, graph: str, options):
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(str(self.folder / graph), options, providers=self.providers)
+        except Exception as exc:
+            raise CompressorError(f"{self.folder / graph}: ONNX Runtime could not load it "
+                                  f"({str(exc).splitlines()[0][:300]})") from None
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, logits_index: np.ndarray,
+             cache: list[np.ndarray]) -> list[np.ndarray]:
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
+                 "position_ids": positions.astype(np.int64), "logits_index": logits_index.astype(np.int64)}
+        feeds.update(zip(self.past_names, cache))
+        return self.session.run(None, feeds)
+
+    def _empty_cache(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32) for _ in self.past_names]
+
+    def logits(self, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """(batch, seq, vocab) logits of a whole (left-padded) batch, no cache kept."""
+        mask = np.ones_like(ids) if mask is None else mask
+        positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+        return self._run(ids, mask, positions, np.arange(ids.shape[1]), self._empty_cache(ids.shape[0]))[0]
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray | None = None, sparse: bool = False) -> OnnxState:
+        mask = np.ones_like(ids) if mask is None else mask
+        if sparse:
+            if self.sparse_session is None:
+                raise CompressorError(f"{self.folder}: this export has no sparse-token prefill graph")
+            outputs = self.sparse_session.run(None, {"input_ids": ids.astype(np.int64),
+                                                     "attention_mask": mask.astype(np.int64)})
+            logits, selected, next_positions, cache = outputs[0], outputs[1], outputs[2], outputs[3:]
+            starts = mask.shape[1] - mask.sum(-1)
+            return OnnxState(logits, list(cache), np.ones_like(selected), next_positions,
+                             [row - start for row, start in zip(selected, starts)])
+        positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+        outputs = self._run(ids, mask, positions, np.array([ids.shape[1] - 1]), self._empty_cache(ids.shape[0]))
+        return OnnxState(outputs[0][:, -1], list(outputs[1:]), mask, mask.sum(-1))
+
+    def decode(self, tokens: np.ndarray, state: OnnxState) -> np.ndarray:
+        """Feeds one token per row after `state` (advanced in place); returns next-token logits."""
+        state.attention_mask = np.concatenate([state.attention_mask, np.ones_like(state.attention_mask[:, :1])], 1)
+        outputs = self._run(tokens.reshape(-1, 1), state.attention_mask, state.next_positions[:, None],
+                            np.array([0]), state.cache)
+        state.cache = list(outputs[1:])
+        state.next_positions = state.next_positions + 1
+        state.logits = outputs[0][:, -1]
+        return state.logits
+
+
+def onnx_folder(artifact: str | Path) -> Path:
+    return Path(artifact) / ONNX_DIR
+
+
+def has_onnx(artifact: str | Path) -> bool:
+    return (onnx_folder(artifact) / DECODER_FILE).is_file()
+
+
+def default_threads() -> int | None:
+    value = os.environ.get("COMPRESSOR_ORT_THREADS")
+    return int(value) if value else None
