@@ -7,6 +7,7 @@
     compress eval DIR [--recipe R] [--no-original]
     compress report DIR [DIR ...]
     compress select DIR (--prompt TEXT | --prompt-file FILE) [--chat] [--positions]
+    compress export onnx DIR [--tolerance T]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("analyze", "plan", "apply", "eval", "report", "select")
+SUBCOMMANDS = ("analyze", "plan", "apply", "eval", "report", "select", "export")
 
 
 def _main_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,14 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         given.add_argument("--prompt-file", help="a UTF-8 text file holding the prompt")
         p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template first")
         p.add_argument("--positions", action="store_true", help="also print the kept token positions")
+    elif command == "export":
+        from exporters.onnx.export import DEFAULT_TOLERANCE
+
+        p.description = "Export an artifact folder to another format (written inside it, e.g. DIR/onnx/)."
+        p.add_argument("format", choices=["onnx"], help="the format to write")
+        p.add_argument("folder", help="the artifact folder")
+        p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                       help=f"largest |logit difference| from the torch model allowed at export (default {DEFAULT_TOLERANCE:g})")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -145,6 +154,10 @@ def run(argv: list[str]) -> int:
     elif command == "select":
         pipeline.quiet_transformers()
         _print_selection(args)
+    elif command == "export":
+        pipeline.quiet_transformers()
+        out = pipeline.export_artifact(Path(args.folder), args.format, args.tolerance, log)
+        print(f"{args.format} export: {out}")
     return 0
 
 

@@ -19,6 +19,7 @@ from compressor.analysis.removal import greedy_removal_order, removal_sensitivit
 from compressor.analysis.render import heatmap
 from compressor.artifact import check_destination, staged_folder, write_json
 from compressor.data import calibration_windows, default_evaluation_text
+from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model
 from compressor.models.sources import LoadedModel, load_model
 from compressor.plan import (filter_probe_pending, make_plan, removable_candidates, removal_quotas, required_units,
@@ -242,6 +243,10 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
         quantized = apply_quantization(compressed, loaded.tokenizer, plan, quiet)
     with staged_folder(out, force) as staging:
         write_model(compressed, loaded.tokenizer, staging, quantized)
+        if "onnx" in recipe.export:
+            from exporters.onnx.export import export_artifact as export_onnx
+
+            export_onnx(staging, log=log)
         (staging / "recipe.yaml").write_text(recipe_yaml(recipe))
         write_json(staging / "plan.json", plan)
         write_analysis(analysis, staging)
@@ -289,6 +294,18 @@ def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, 
     return out
 
 
+
+
+def export_artifact(folder: Path, fmt: str, tolerance: float | None = None, log=print) -> Path:
+    """Writes an export of an existing artifact folder (inside it); returns the export's folder."""
+    from exporters.onnx.export import DEFAULT_TOLERANCE
+    from exporters.onnx.export import export_artifact as export_onnx
+
+    if fmt != "onnx":
+        raise CompressorError(f"export format {fmt!r} is not supported; allowed: onnx")
+    if not (folder / "config.json").is_file():
+        raise CompressorError(f"{folder}: not an artifact folder (needs config.json and model.safetensors)")
+    return export_onnx(folder, DEFAULT_TOLERANCE if tolerance is None else tolerance, log=log)
 
 
 def evaluate_artifact(folder: Path, recipe_path: str | None, with_original: bool, quiet: bool = False,

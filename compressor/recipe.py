@@ -212,7 +212,8 @@ class Recipe(Strict):
     sparse_tokens: SparseTokens | None = None
     share: Share | None = None
     evaluate: Evaluation = Evaluation()
-    export: list[Literal["safetensors"]] = ["safetensors"]
+    # model.safetensors is always written (every other format is exported from it); "onnx" adds onnx/.
+    export: list[Literal["safetensors", "onnx"]] = ["safetensors"]
 
 
 def _allowed_fields(model_cls, loc) -> list[str]:

@@ -1,4 +1,10 @@
-"""Loading an artifact for use: `compressor.load(folder)` gives generate / score on a chosen backend."""
+"""Loading an artifact for use: `compressor.load(folder)` gives generate / score on a chosen backend.
+
+Backends: "torch" (the compressed model in PyTorch), "onnxruntime" (the artifact's `onnx/` export in
+ONNX Runtime sessions; CUDA execution provider first when onnxruntime-gpu is installed) and "auto"
+(onnxruntime when the artifact has an ONNX export and onnxruntime is installed, else torch). Both
+run the same decode loop (greedy or sampling, stop tokens, max tokens) and give the same answers.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +16,19 @@ import torch
 
 from compressor.errors import CompressorError
 
-BACKENDS = ("torch", "auto")
+BACKENDS = ("torch", "onnxruntime", "auto")
 
 
 class Artifact:
-    """A loaded artifact: the compressed model, its tokenizer, and the plan and report beside it."""
+    """A loaded artifact: the compressed model (torch backend) or its ONNX Runtime sessions, its
+    tokenizer, and the plan and report beside it."""
 
-    def __init__(self, folder: Path, model, tokenizer):
+    def __init__(self, folder: Path, model, tokenizer, config=None, onnx=None):
         self.folder = folder
-        self.model = model
+        self.model = model  # None on the onnxruntime backend
+        self.onnx = onnx  # exporters.onnx.loader.OnnxDecoder on the onnxruntime backend
+        self.backend = "torch" if onnx is None else "onnxruntime"
+        self.config = model.config if model is not None else config
         self.tokenizer = tokenizer
         self.plan = _optional_json(folder / "plan.json")
         self.report = _optional_json(folder / "report.json")
@@ -35,7 +45,7 @@ class Artifact:
         """The artifact's sparse-token filter settings, or None when off (for this call)."""
         from compressor.transforms.sparse_tokens import SparseTokenSettings
 
-        stored = getattr(self.model.config, "sparse_tokens", None)
+        stored = getattr(self.config, "sparse_tokens", None)
         if sparse_tokens is True and not stored:
             raise CompressorError(f"{self.folder}: sparse_tokens=True but this artifact has no sparse-token filter "
                                   "(its plan has no sparse_tokens section)")
@@ -64,10 +74,9 @@ class Artifact:
         """What the sparse-token filter keeps of `prompt`: positions and text (spans joined by [...])."""
         ids = self._encode(prompt, chat)
         settings = self.sparse_settings(True)
-        from compressor.transforms.sparse_tokens import sparse_prefill
-
-        state = sparse_prefill(self.model, ids, settings)
-        return self._selection_record(ids[0].tolist(), state.selected)
+        if ids.shape[1] <= settings.keep_tokens:
+            return self._selection_record(ids[0].tolist(), None)
+        return self._selection_record(ids[0].tolist(), self._prefill(ids, settings)[1])
 
     def _selection_record(self, ids: list[int], selected) -> dict:
         from compressor.transforms.sparse_tokens import kept_text
@@ -84,16 +93,34 @@ class Artifact:
         return self._generate(ids, max_new_tokens, do_sample, temperature, top_k, seed, stop_token_ids,
                               sparse_tokens)[0]
 
-    def _generate(self, ids, max_new_tokens, do_sample, temperature, top_k, seed, stop_token_ids, sparse_tokens):
-        from compressor.transforms.sparse_tokens import decode_step, full_prefill, sparse_prefill
+    def _prefill(self, ids: torch.Tensor, settings):
+        """(state, kept positions or None, next-token logits (1, vocab)) after the prompt."""
+        if self.onnx is not None:
+            sparse = settings is not None and ids.shape[1] > settings.keep_tokens
+            state = self.onnx.prefill(ids.numpy(), sparse=sparse)
+            selected = [torch.from_numpy(k) for k in state.selected] if state.selected is not None else None
+            return state, selected, torch.from_numpy(state.logits)
+        from compressor.transforms.sparse_tokens import full_prefill, sparse_prefill
 
+        state = sparse_prefill(self.model, ids, settings) if settings is not None else full_prefill(self.model, ids)
+        return state, state.selected, state.logits
+
+    def _decode(self, token: int, state) -> torch.Tensor:
+        if self.onnx is not None:
+            import numpy as np
+
+            return torch.from_numpy(self.onnx.decode(np.array([token], dtype=np.int64), state))
+        from compressor.transforms.sparse_tokens import decode_step
+
+        return decode_step(self.model, torch.tensor([token]), state)
+
+    def _generate(self, ids, max_new_tokens, do_sample, temperature, top_k, seed, stop_token_ids, sparse_tokens):
         if stop_token_ids is None:
-            eos = self.model.config.eos_token_id
+            eos = self.config.eos_token_id
             stop_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         settings = self.sparse_settings(sparse_tokens)
-        state = sparse_prefill(self.model, ids, settings) if settings is not None else full_prefill(self.model, ids)
-        selected, logits = state.selected, state.logits
+        state, selected, logits = self._prefill(ids, settings)
         out: list[int] = []
         for _ in range(max_new_tokens):
             if do_sample:
@@ -108,7 +135,7 @@ class Artifact:
                 break
             out.append(token)
             if len(out) < max_new_tokens:
-                logits = decode_step(self.model, torch.tensor([token]), state)
+                logits = self._decode(token, state)
         return out, selected
 
     @torch.no_grad()
@@ -117,7 +144,10 @@ class Artifact:
         ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]])
         if ids.shape[1] < 2:
             raise CompressorError("score: the text must have at least two tokens")
-        logits = self.model(ids).logits[0, :-1].float()
+        if self.onnx is not None:
+            logits = torch.from_numpy(self.onnx.logits(ids.numpy())[0, :-1])
+        else:
+            logits = self.model(ids).logits[0, :-1].float()
         nll = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         tokens = ids.shape[1] - 1
         return {"tokens": tokens, "nll": nll, "nll_per_token": nll / tokens, "perplexity": math.exp(nll / tokens)}
@@ -127,7 +157,17 @@ def _optional_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load(folder: str | Path, backend: str = "torch") -> Artifact:
+def _onnxruntime_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def load(folder: str | Path, backend: str = "torch", providers: list[str] | None = None, threads: int | None = None,
+         optimization: str = "all", matmul_accuracy: str = "fp32") -> Artifact:
+    """Loads an artifact folder. `providers`, `threads` (intra-op; None: ONNX Runtime's default),
+    `optimization` ("disable" | "basic" | "extended" | "all") and `matmul_accuracy` ("fp32" |
+    "int8": activations quantized in fused MatMulNBits) apply to the onnxruntime backend."""
     from exporters.safetensors import read_model
 
     if backend not in BACKENDS:
@@ -135,5 +175,24 @@ def load(folder: str | Path, backend: str = "torch") -> Artifact:
     folder = Path(folder)
     if not folder.is_dir():
         raise CompressorError(f"artifact folder not found: {folder}")
-    model, tokenizer = read_model(folder)
-    return Artifact(folder, model, tokenizer)
+    if backend == "auto":
+        from exporters.onnx.export import DECODER_FILE, ONNX_DIR
+
+        backend = "onnxruntime" if (folder / ONNX_DIR / DECODER_FILE).is_file() and _onnxruntime_installed() else "torch"
+    if backend == "torch":
+        model, tokenizer = read_model(folder)
+        return Artifact(folder, model, tokenizer)
+    if not _onnxruntime_installed():
+        raise CompressorError("backend 'onnxruntime' needs the onnxruntime package: pip install onnxruntime "
+                              "(or onnxruntime-gpu on a CUDA machine)")
+    from transformers import AutoTokenizer
+
+    from compressor.modeling import CompressedConfig
+    from exporters.onnx.export import ONNX_DIR
+    from exporters.onnx.loader import OnnxDecoder
+
+    if not (folder / "config.json").is_file():
+        raise CompressorError(f"{folder}: not an artifact folder (needs config.json)")
+    decoder = OnnxDecoder(folder / ONNX_DIR, providers, threads, optimization, matmul_accuracy)
+    config = CompressedConfig.from_pretrained(folder)
+    return Artifact(folder, None, AutoTokenizer.from_pretrained(folder), config=config, onnx=decoder)
