@@ -1,12 +1,16 @@
-"""Peer baselines for the benchmarks: the original model exported to ONNX and ONNX Runtime's own quantizers.
+"""Peer baselines: the original model exported to ONNX, and ONNX Runtime's own quantizers applied to it.
 
-These are what a user could pick instead of this toolkit: the fp32 ONNX export, ONNX Runtime's dynamic
-int8 quantization (`quantize_dynamic`) and its blockwise int4 weight-only quantization
-(`MatMulNBitsQuantizer`, symmetric, block 32, embedding Gather left in fp32). Each row gives the size on
-disk and the perplexity measured with an ONNX Runtime CPU session on the same windows as the torch
-evaluation. The int4 quantizer (and the dynamo exporter) need the `onnx-ir` / `onnxscript` packages.
+These are what a user could pick instead of this toolkit: a plain fp32 ONNX export of the original
+model, ONNX Runtime's dynamic int8 quantization (`quantize_dynamic`) and its blockwise int4
+weight-only quantization (`MatMulNBitsQuantizer`, symmetric, block 32, default accuracy level; the
+embedding Gather and the tied output head, which reads the embedding through a Transpose, stay fp32).
 
-    python -m bench.onnx_peers --windows 16    # prints the rows as JSON
+The plain export is the toolkit's decoder graph (explicit KV cache, `exporters.onnx.graph_module`)
+of the uncompressed model through `torch.onnx.export(dynamo=True)` with torch's default graph
+optimizer, which folds each weight transpose into an initializer the quantizers can find. So the
+peers run the same decode loop (`exporters.onnx.loader.OnnxDecoder`) as the toolkit's artifacts.
+
+    python -m bench.onnx_peers --windows 16    # prints size and perplexity rows as JSON
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import argparse
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 
 import onnx
@@ -24,52 +27,16 @@ import torch.nn.functional as F
 
 from compressor.progress import progress
 
-OPSET = 21
-IR_VERSION = 10  # onnx 1.23 writes IR 14, which some ONNX Runtime versions refuse
 TWO_GB = 2**31
 
 
-class _LogitsOnly(torch.nn.Module):
-    """input_ids -> logits, no KV cache: the plain graph that gets exported."""
+def export_plain(model, path: Path) -> None:
+    """The uncompressed model's decoder graph, exported with torch's default optimizer."""
+    from exporters.onnx.export import decoder_proto
 
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        return self.model(input_ids, use_cache=False).logits
-
-
-def export_onnx(model, path: Path) -> str:
-    """Exports to `path` (one file if under 2 GB); returns the exporter that worked."""
-    wrapper = _LogitsOnly(model).eval()
-    sample = torch.zeros(2, 16, dtype=torch.long)  # batch 2: a size-1 dim would be specialized
-    names = dict(input_names=["input_ids"], output_names=["logits"])
-    with torch.no_grad():
-        wrapper(sample)  # builds lazily made attributes (the rotary frequencies) before tracing
-    try:
-        dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}
-        with torch.no_grad():
-            torch.onnx.export(wrapper, (sample,), str(path), dynamo=True, opset_version=OPSET, external_data=False,
-                              dynamic_shapes={"input_ids": dims}, verbose=False, **names)
-        exporter = "dynamo"
-    except Exception as exc:  # e.g. onnxscript not installed
-        warnings.warn(f"dynamo ONNX export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                      "using the legacy exporter, which stores the tied embedding twice")
-        for leftover in path.parent.glob(path.name + "*"):
-            leftover.unlink()
-        axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
-        with torch.no_grad():  # the legacy exporter goes up to opset 20
-            torch.onnx.export(wrapper, (sample,), str(path), dynamo=False, opset_version=min(OPSET, 20),
-                              dynamic_axes=axes, **names)
-        exporter = "legacy"
-    proto = onnx.load(str(path))
-    proto.ir_version = IR_VERSION
-    for leftover in path.parent.glob(path.name + "*"):
-        leftover.unlink()
+    proto = decoder_proto(model, optimize=True)
     large = proto.ByteSize() >= TWO_GB
     onnx.save(proto, str(path), save_as_external_data=large, location=path.name + ".data")
-    return exporter
 
 
 def size_on_disk(path: Path) -> int:
@@ -82,17 +49,11 @@ def size_on_disk(path: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def onnx_perplexity(path: Path, windows: torch.Tensor, description: str, quiet: bool = False) -> float:
+def onnx_perplexity(decoder, windows: torch.Tensor, description: str, quiet: bool = False) -> float:
     """exp(mean next-token NLL) over each window, as the torch evaluation computes it."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     nll, tokens = 0.0, 0
     for window in progress(windows, description, quiet=quiet):
-        logits = session.run(["logits"], {"input_ids": window[None].numpy()})[0][0, :-1]
+        logits = decoder.logits(window[None].numpy())[0, :-1]
         nll += F.cross_entropy(torch.from_numpy(logits), window[1:], reduction="sum").item()
         tokens += window.numel() - 1
     return math.exp(nll / tokens)
@@ -109,34 +70,45 @@ def quantize_int4_blockwise(source: Path, target: Path) -> None:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     except ImportError as exc:  # onnxruntime's int4 quantizer imports onnx_ir
         raise ImportError(f"the int4 peer needs {exc.name}: pip install onnx-ir") from exc
-    # Default op types are MatMul only, so the embedding Gather stays fp32.
+    # Default op types are MatMul with an initializer weight, so the embedding Gather and the tied head stay fp32.
     quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=32, is_symmetric=True)
     quantizer.process()
     quantizer.model.save_model_to_file(str(target), use_external_data_format=quantizer.model.model.ByteSize() >= TWO_GB)
 
 
 PEERS = (
-    ("ONNX fp32", "fp32.onnx", None),
+    ("ONNX fp32 (plain export)", "fp32.onnx", None),
     ("ONNX Runtime dynamic int8 (quantize_dynamic)", "int8-dynamic.onnx", quantize_int8_dynamic),
     ("ONNX Runtime int4 (MatMulNBitsQuantizer, symmetric, block 32)", "int4-block32.onnx", quantize_int4_blockwise),
 )
 
 
-def onnx_peer_rows(model, windows: torch.Tensor, workdir: str | Path, quiet: bool = False) -> list[dict]:
-    """Exports `model` to ONNX in `workdir`, quantizes it with ONNX Runtime, and measures each file."""
+def build_peers(model, workdir: str | Path) -> list[tuple[str, Path, float]]:
+    """Writes the three peer files into `workdir`; returns (name, path, seconds to quantize)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     fp32 = workdir / PEERS[0][1]
-    export_onnx(model, fp32)
-    rows = []
+    export_plain(model, fp32)
+    built = []
     for name, filename, quantize in PEERS:
         path = workdir / filename
         start = time.perf_counter()
         if quantize is not None:
             quantize(fp32, path)
-        quantize_seconds = time.perf_counter() - start if quantize is not None else 0.0
+        built.append((name, path, time.perf_counter() - start if quantize is not None else 0.0))
+    return built
+
+
+def onnx_peer_rows(model, windows: torch.Tensor, workdir: str | Path, quiet: bool = False,
+                   threads: int = 2) -> list[dict]:
+    """Exports `model`, quantizes it with ONNX Runtime, and measures each file's size and perplexity."""
+    from exporters.onnx.loader import OnnxDecoder
+
+    rows = []
+    for name, path, quantize_seconds in build_peers(model, workdir):
         start = time.perf_counter()
-        perplexity = onnx_perplexity(path, windows, name, quiet=quiet)
+        decoder = OnnxDecoder(path.parent, threads=threads, graph=path.name)
+        perplexity = onnx_perplexity(decoder, windows, name, quiet=quiet)
         rows.append({"name": name, "kind": "peer", "bytes": size_on_disk(path), "perplexity": perplexity,
                      "quantize_seconds": round(quantize_seconds, 2),
                      "eval_seconds": round(time.perf_counter() - start, 2)})
