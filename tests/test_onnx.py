@@ -383,3 +383,31 @@ def test_session_options_reach_onnxruntime(artifacts):
         OnnxDecoder(folder / "onnx", optimization="fast")
     with pytest.raises(CompressorError, match="matmul_accuracy 'int3'"):
         OnnxDecoder(folder / "onnx", matmul_accuracy="int3")
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_eight_bit_weights_split_into_exact_four_bit_halves(symmetric):
+    """The fp32 loader reads 8-bit codes as 16 * high + low; the product equals the int8 one."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    from compressor.transforms.quantize import QuantFormat, rtn_quantize
+    from exporters.onnx.int8_split import split_int8_matmuls
+    from exporters.onnx.quantized_graph import rewrite_quantized
+
+    torch.manual_seed(0)
+    weight = torch.randn(40, 128)
+    quantized = rtn_quantize(weight, QuantFormat(8, 64, symmetric))
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 128])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 40])
+    graph = helper.make_graph([helper.make_node("Transpose", ["lin.weight"], ["w_t"], perm=[1, 0]),
+                               helper.make_node("MatMul", ["x", "w_t"], ["y"])], "g", [x], [y],
+                              [onnx.numpy_helper.from_array(weight.numpy(), "lin.weight")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    rewrite_quantized(proto, {"lin": quantized})
+    assert split_int8_matmuls(proto) == 1
+    assert [n.op_type for n in proto.graph.node if n.op_type == "MatMul"] == ["MatMul", "MatMul"]
+    session = ort.InferenceSession(proto.SerializeToString(), session_options(), providers=[CPU])
+    inputs = torch.randn(5, 128)
+    got = torch.from_numpy(session.run(None, {"x": inputs.numpy()})[0])
+    assert (got - inputs @ quantized.dequantize().T).abs().max() < 1e-4

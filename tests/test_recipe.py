@@ -189,7 +189,8 @@ def test_every_shipped_recipe_loads(path):
 def test_shipped_recipe_values():
     balanced = load_recipe(next(p for p in RECIPES if p.name == "balanced.yaml"))
     assert balanced.remove.method == "similarity"
-    assert (balanced.remove.attention, balanced.remove.mlp, balanced.remove.any) == (2, 0, 0)
+    assert (balanced.remove.attention, balanced.remove.mlp, balanced.remove.any) == (1, 0, 0)
+    assert balanced.export == ["safetensors", "onnx"]
     finercut = load_recipe(next(p for p in RECIPES if p.name == "finercut-aggressive.yaml"))
     assert finercut.remove.method == "finercut" and finercut.remove.any == 8
     analyze_only = load_recipe(next(p for p in RECIPES if p.name == "analyze-only.yaml"))

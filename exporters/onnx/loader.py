@@ -19,8 +19,9 @@ from exporters.onnx.export import DECODER_FILE, MANIFEST_FILE, ONNX_DIR, SPARSE_
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 # What ONNX Runtime computes a fused DequantizeLinear -> MatMul (MatMulNBits) in: "fp32" keeps the
-# graph equal to the torch model; "int8" quantizes activations on the fly (ONNX Runtime's own
-# default for this fusion, faster on CPU, logits off by ~1e-2).
+# graph equal to the torch model (on CPU, 8-bit weights are then read as two 4-bit halves, see
+# exporters.onnx.int8_split, since ONNX Runtime's fp32 path for 8 bits is slow); "int8" quantizes
+# activations on the fly (ONNX Runtime's own default for this fusion: faster, logits not equal).
 MATMUL_ACCURACY = {"fp32": "1", "int8": "4"}
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -97,6 +98,32 @@ def check_files(onnx_dir: Path, graph: str) -> None:
                                   f"{path.name} needs {end}); export it again with: compress export onnx")
 
 
+def _has_int8_codes(path: Path) -> bool:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(t.data_type == onnx.TensorProto.INT8 and t.name.endswith(".weight_codes") for t in proto.graph.initializer)
+
+
+def _split_8bit_graph(path: Path) -> bytes | None:
+    """The graph with its 8-bit weights as 4-bit halves (exporters.onnx.int8_split), serialized; None
+    when it would pass protobuf's 2 GB limit (then the session reads the file as it is)."""
+    import warnings
+
+    import onnx
+
+    from exporters.onnx.int8_split import TWO_GB, split_int8_matmuls
+
+    proto = onnx.load(str(path))
+    if not split_int8_matmuls(proto):
+        return None
+    if proto.ByteSize() >= TWO_GB:
+        warnings.warn(f"{path}: too large to rewrite in memory; 8-bit weights run through ONNX Runtime's "
+                      "slow fp32 path (use matmul_accuracy='int8' for speed)")
+        return None
+    return proto.SerializeToString()
+
+
 @dataclass
 class OnnxState:
     """Decoding state: next-token logits (batch, vocab), the KV cache arrays in graph-input order,
@@ -123,6 +150,7 @@ class OnnxDecoder:
         self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else {}
         self.providers = choose_providers(ort.get_available_providers(), providers)
         options = session_options(threads, optimization, matmul_accuracy)
+        self.split_8bit = matmul_accuracy == "fp32"
         self.session = self._session(graph, options)
         self.sparse_session = self._session(SPARSE_FILE, options) if self.has_sparse_prefill else None
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -135,8 +163,11 @@ class OnnxDecoder:
     def _session(self, graph: str, options):
         import onnxruntime as ort
 
+        source = str(self.folder / graph)
+        if self.split_8bit and CPU in self.providers[:1] and _has_int8_codes(self.folder / graph):
+            source = _split_8bit_graph(self.folder / graph) or source
         try:
-            return ort.InferenceSession(str(self.folder / graph), options, providers=self.providers)
+            return ort.InferenceSession(source, options, providers=self.providers)
         except Exception as exc:
             raise CompressorError(f"{self.folder / graph}: ONNX Runtime could not load it "
                                   f"({str(exc).splitlines()[0][:300]})") from None
