@@ -65,21 +65,28 @@ def quantize_int8_dynamic(source: Path, target: Path) -> None:
     quantize_dynamic(source, target, weight_type=QuantType.QInt8)
 
 
-def quantize_int4_blockwise(source: Path, target: Path) -> None:
+def quantize_int4_blockwise(source: Path, target: Path, accuracy_level: int | None = None) -> None:
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     except ImportError as exc:  # onnxruntime's int4 quantizer imports onnx_ir
         raise ImportError(f"the int4 peer needs {exc.name}: pip install onnx-ir") from exc
     # Default op types are MatMul with an initializer weight, so the embedding Gather and the tied head stay fp32.
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=32, is_symmetric=True)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=32, is_symmetric=True,
+                                     accuracy_level=accuracy_level)
     quantizer.process()
     quantizer.model.save_model_to_file(str(target), use_external_data_format=quantizer.model.model.ByteSize() >= TWO_GB)
+
+
+def quantize_int4_int8_compute(source: Path, target: Path) -> None:
+    quantize_int4_blockwise(source, target, accuracy_level=4)
 
 
 PEERS = (
     ("ONNX fp32 (plain export)", "fp32.onnx", None),
     ("ONNX Runtime dynamic int8 (quantize_dynamic)", "int8-dynamic.onnx", quantize_int8_dynamic),
     ("ONNX Runtime int4 (MatMulNBitsQuantizer, symmetric, block 32)", "int4-block32.onnx", quantize_int4_blockwise),
+    # The same int4 with int8 activations (accuracy_level 4): the fair peer of the toolkit's int8 compute.
+    ("ONNX Runtime int4, int8 activations (accuracy_level 4)", "int4-block32-acc4.onnx", quantize_int4_int8_compute),
 )
 
 

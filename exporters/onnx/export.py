@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -46,6 +47,8 @@ def _dynamo_export(module, args, input_names, output_names, dynamic_shapes, tran
     """torch.onnx.export(dynamo=True). Without `optimize`, weights stay the named initializers read
     through Transpose nodes (torch's optimizer would fold each transpose into a new, renamed
     initializer and store a tied embedding twice); ONNX Runtime folds them in memory at load."""
+    # The exporter warns that torchvision's ops cannot be registered: this model has none.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
