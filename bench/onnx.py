@@ -277,7 +277,8 @@ def main(argv=None) -> None:
                                f"{sparse_config['keep_tokens']} tokens")
     import onnxruntime
 
-    data = {"command": command_line(), "machine": machine(), "threads": 2, "seconds": time.perf_counter() - started,
+    command = command_line().replace(str(args.workdir), "WORKDIR") if args.workdir else command_line()
+    data = {"command": command, "machine": machine(), "threads": 2, "seconds": time.perf_counter() - started,
             "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
             "evaluation": evaluation.record, "repeats": args.repeats, "new_tokens": args.new_tokens,
             "rows": rows, "parity": parity_results, "needles": needle_record,

@@ -65,7 +65,7 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template first")
         p.add_argument("--positions", action="store_true", help="also print the kept token positions")
     elif command == "export":
-        from exporters.onnx.export import DEFAULT_TOLERANCE
+        from exporters.onnx import DEFAULT_TOLERANCE
 
         p.description = "Export an artifact folder to another format (written inside it, e.g. DIR/onnx/)."
         p.add_argument("format", choices=["onnx"], help="the format to write")

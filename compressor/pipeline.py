@@ -219,6 +219,10 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
         recipe = load_recipe(recipe)
     quiet_transformers()
     out = check_destination(out or Path("out") / recipe.name, force)
+    if "onnx" in recipe.export:
+        from exporters.onnx import require
+
+        require()  # before the analysis, not after it
     source = model or recipe.model
     log(f"loading model: {source}" + (" (the first use converts the embedded GGUF file: about 20 s)"
                                       if source == "embedded" else ""))
@@ -298,11 +302,14 @@ def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, 
 
 def export_artifact(folder: Path, fmt: str, tolerance: float | None = None, log=print) -> Path:
     """Writes an export of an existing artifact folder (inside it); returns the export's folder."""
-    from exporters.onnx.export import DEFAULT_TOLERANCE
-    from exporters.onnx.export import export_artifact as export_onnx
-
     if fmt != "onnx":
         raise CompressorError(f"export format {fmt!r} is not supported; allowed: onnx")
+    from exporters.onnx import require
+
+    require()
+    from exporters.onnx import DEFAULT_TOLERANCE
+    from exporters.onnx.export import export_artifact as export_onnx
+
     if not (folder / "config.json").is_file():
         raise CompressorError(f"{folder}: not an artifact folder (needs config.json and model.safetensors)")
     return export_onnx(folder, DEFAULT_TOLERANCE if tolerance is None else tolerance, log=log)

@@ -411,3 +411,18 @@ def test_eight_bit_weights_split_into_exact_four_bit_halves(symmetric):
     inputs = torch.randn(5, 128)
     got = torch.from_numpy(session.run(None, {"x": inputs.numpy()})[0])
     assert (got - inputs @ quantized.dequantize().T).abs().max() < 1e-4
+
+
+def test_missing_onnx_packages_are_one_error_before_any_work(tiny_model_folder, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nexport: [safetensors, onnx]\n")
+    code = cli_main(["--recipe", str(recipe), "--model", str(tiny_model_folder["llama"]), "--out",
+                     str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "ONNX export needs onnxscript: pip install 'compressor[onnx]'" in err[0]
+    assert not (tmp_path / "out").exists()

@@ -27,6 +27,7 @@ import onnx
 import torch
 
 from compressor.errors import CompressorError
+from exporters.onnx import DEFAULT_TOLERANCE
 
 OPSET = 21
 IR_VERSION = 10  # onnx 1.23 writes IR 14 by default, newer than ONNX Runtime 1.30 accepts
@@ -35,7 +36,6 @@ DECODER_FILE = "model.onnx"
 SPARSE_FILE = "prefill_sparse.onnx"
 WEIGHTS_FILE = "weights.data"
 MANIFEST_FILE = "export.json"
-DEFAULT_TOLERANCE = 1e-3  # max |logit difference| allowed at export (fp32 graphs match to ~1e-5)
 
 
 class ExportValidationError(CompressorError):
