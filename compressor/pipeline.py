@@ -250,7 +250,7 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
         if "onnx" in recipe.export:
             from exporters.onnx.export import export_artifact as export_onnx
 
-            export_onnx(staging, log=log)
+            export_onnx(staging, log=log, name=out)
         (staging / "recipe.yaml").write_text(recipe_yaml(recipe))
         write_json(staging / "plan.json", plan)
         write_analysis(analysis, staging)

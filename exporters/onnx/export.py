@@ -140,7 +140,7 @@ def _probe_ids(config, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, config.vocab_size, (1, length), generator=generator)
 
 
-def validate(model, folder: Path, tolerance: float) -> dict:
+def validate(model, folder: Path, tolerance: float, name: str | Path) -> dict:
     """Runs the exported graphs in ONNX Runtime on probe inputs against the torch model; returns the
     largest logit differences, or raises ExportValidationError."""
     from compressor.transforms.sparse_tokens import SparseTokenSettings, decode_step, full_prefill, sparse_prefill
@@ -172,24 +172,27 @@ def validate(model, folder: Path, tolerance: float) -> dict:
     if worst > tolerance or figures.get("sparse_selection_equal") is False:
         what = (f"max |logit difference| {worst:.3g} > tolerance {tolerance:g}" if worst > tolerance
                 else "the graph's sparse-token selection differs from the torch model's")
-        raise ExportValidationError(f"ONNX export of {folder.parent} failed validation: {what} "
+        raise ExportValidationError(f"ONNX export of {name} failed validation: {what} "
                                     f"({', '.join(f'{k} {v:.3g}' for k, v in figures.items() if k.endswith('_logits'))}); "
                                     "nothing was written")
     return figures
 
 
-def export_artifact(folder: str | Path, tolerance: float = DEFAULT_TOLERANCE, log=print) -> Path:
-    """Writes `folder/onnx/` for an artifact folder (replacing an earlier export); returns its path."""
+def export_artifact(folder: str | Path, tolerance: float = DEFAULT_TOLERANCE, log=print,
+                    name: str | Path | None = None) -> Path:
+    """Writes `folder/onnx/` for an artifact folder (replacing an earlier export); returns its path.
+    `name` is how messages call the artifact (compress exports into its staging folder)."""
     from compressor.transforms.sparse_tokens import SparseTokenSettings, check_settings
     from exporters.onnx.quantized_graph import rewrite_quantized
     from exporters.safetensors import read_model, read_quantized_weights
 
     folder = Path(folder)
+    name = name or folder
     model, _ = read_model(folder, with_tokenizer=False)
     model.restore_exact_weights()
     quantized = read_quantized_weights(folder)
     config = model.config
-    log(f"exporting {folder} to ONNX (dynamo, opset {OPSET}): decoder graph with "
+    log(f"exporting {name} to ONNX (dynamo, opset {OPSET}): decoder graph with "
         f"{len(config.attention_layers())} KV-cache layers")
     protos = {DECODER_FILE: decoder_proto(model)}
     if getattr(config, "sparse_tokens", None):
@@ -205,10 +208,10 @@ def export_artifact(folder: str | Path, tolerance: float = DEFAULT_TOLERANCE, lo
     try:
         _save_shared(protos, staging)
         log("validating the exported graphs in ONNX Runtime against the torch model")
-        figures = validate(model, staging, tolerance)
+        figures = validate(model, staging, tolerance, name)
         manifest = {
-            "graphs": {name: {"inputs": [i.name for i in p.graph.input], "outputs": [o.name for o in p.graph.output]}
-                       for name, p in protos.items()},
+            "graphs": {graph_file: {"inputs": [i.name for i in p.graph.input], "outputs": [o.name for o in p.graph.output]}
+                       for graph_file, p in protos.items()},
             "weights_file": WEIGHTS_FILE, "opset": OPSET, "ir_version": IR_VERSION,
             "quantized_weights": storage, "validation": figures,
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": _ort_version()},
@@ -224,7 +227,7 @@ def export_artifact(folder: str | Path, tolerance: float = DEFAULT_TOLERANCE, lo
     os.replace(staging, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    log(f"ONNX export written: {target} (max |logit difference| vs torch "
+    log(f"ONNX export written: {Path(name) / ONNX_DIR} (max |logit difference| vs torch "
         f"{max(v for k, v in figures.items() if k.endswith('_logits')):.2e})")
     return target
 
