@@ -87,11 +87,10 @@ class Prefill:
     selected: list[torch.Tensor] | None = None
 
 
-@torch.no_grad()
-def token_scores(model, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 layer_index: int, pool_width: int = 5) -> torch.Tensor:
-    """(batch, tokens) scores of every prompt token from the input `hidden` of layer `layer_index`:
-    the last query's attention probabilities over all keys, summed over heads, average-pooled."""
+def filter_query_keys(model, hidden: torch.Tensor, position_ids: torch.Tensor, layer_index: int):
+    """The filter layer's last-token query (batch, heads, 1, dim) and all keys (batch, kv heads,
+    tokens, dim), after RoPE, from its input `hidden`. `model.model` is the decoder stack (the ONNX
+    export's prefill graph calls this too, so both select from the same numbers)."""
     layer = model.model.layers[layer_index]
     attn = layer.self_attn
     if attn is None:
@@ -105,6 +104,16 @@ def token_scores(model, hidden: torch.Tensor, position_ids: torch.Tensor, attent
     cos, sin = model.model.rotary(position_ids, hidden.dtype)
     q = apply_rope(q.transpose(1, 2), cos[:, :, -1:], sin[:, :, -1:])
     k = apply_rope(k.transpose(1, 2), cos, sin)
+    return q, k
+
+
+@torch.no_grad()
+def token_scores(model, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 layer_index: int, pool_width: int = 5) -> torch.Tensor:
+    """(batch, tokens) scores of every prompt token from the input `hidden` of layer `layer_index`:
+    the last query's attention probabilities over all keys, summed over heads, average-pooled."""
+    q, k = filter_query_keys(model, hidden, position_ids, layer_index)
+    attn = model.model.layers[layer_index].self_attn
     groups = attn.num_heads // attn.num_kv_heads
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)

@@ -28,8 +28,6 @@ import math
 import torch
 from torch import nn
 
-from compressor.modeling import apply_rope
-
 
 def kv_names(config) -> list[tuple[str, str]]:
     """(past input, present output) names, keys then values, for every layer that keeps attention."""
@@ -193,18 +191,10 @@ class SparsePrefillGraph(_Body):
 
     def select(self, h, positions, attention_mask):
         """The filter layer's selection: `compressor.SelectTokens` in the graph."""
+        from compressor.transforms.sparse_tokens import filter_query_keys
+
         s = self.settings
-        layer = self.model.layers[s.filter_layer]
-        attn = layer.self_attn
-        b, n, _ = h.shape
-        x = layer.input_layernorm(h)
-        q = attn.q_proj(x[:, -1:]).view(b, 1, attn.num_heads, attn.head_dim)
-        k = attn.k_proj(x).view(b, n, attn.num_kv_heads, attn.head_dim)
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = self.model.rotary(positions, h.dtype)
-        q = apply_rope(q.transpose(1, 2), cos[:, :, -1:], sin[:, :, -1:])
-        k = apply_rope(k.transpose(1, 2), cos, sin)
+        q, k = filter_query_keys(self, h, positions, s.filter_layer)
         return torch.ops.compressor.select_tokens(q, k, attention_mask, s.keep_tokens, s.keep_first, s.keep_last,
                                                   s.pool_width)
 
