@@ -8,7 +8,6 @@ external-data file and a corrupted .onnx each give one clear error naming the fi
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,15 +212,3 @@ class OnnxDecoder:
         state.logits = outputs[0][:, -1]
         return state.logits
 
-
-def onnx_folder(artifact: str | Path) -> Path:
-    return Path(artifact) / ONNX_DIR
-
-
-def has_onnx(artifact: str | Path) -> bool:
-    return (onnx_folder(artifact) / DECODER_FILE).is_file()
-
-
-def default_threads() -> int | None:
-    value = os.environ.get("COMPRESSOR_ORT_THREADS")
-    return int(value) if value else None
