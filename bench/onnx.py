@@ -38,7 +38,7 @@ from compressor.data import default_evaluation_text, embedded_text, evaluation_w
 from compressor.models.sources import load_model
 from compressor.pipeline import compress, quiet_transformers
 from compressor.recipe import parse_recipe
-from exporters.onnx.export import DECODER_FILE, ONNX_DIR, SPARSE_FILE, WEIGHTS_FILE
+from exporters.onnx.export import DECODER_FILE, ONNX_DIR, SPARSE_FILE
 from exporters.onnx.loader import OnnxDecoder
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -61,11 +61,6 @@ def build_artifact(name: str, data: dict, workdir: Path, log) -> Path:
     compress(parse_recipe(data, f"bench {name}"), None, out, force=True, quiet=True, log=lambda m: None)
     log(f"built {name} in {time.perf_counter() - started:.0f} s")
     return out
-
-
-def artifact_bytes(folder: Path) -> int:
-    onnx_dir = folder / ONNX_DIR
-    return sum((onnx_dir / f).stat().st_size for f in (DECODER_FILE, WEIGHTS_FILE))
 
 
 def speed(decoder: OnnxDecoder, prompt512: np.ndarray, prompt128: np.ndarray, new_tokens: int, repeats: int) -> dict:
@@ -257,7 +252,7 @@ def main(argv=None) -> None:
         modes = ["fp32"] if name == "original" else ["fp32", "int8"]
         for mode in modes:
             decoder = OnnxDecoder(folder / ONNX_DIR, threads=2, matmul_accuracy=mode)
-            rows.append(measure(f"toolkit {name}", "toolkit", decoder, artifact_bytes(folder), windows, prompts,
+            rows.append(measure(f"toolkit {name}", "toolkit", decoder, size_on_disk(folder / ONNX_DIR / DECODER_FILE), windows, prompts,
                                 args, log, compute=mode))
     parity_results = {}
     short = text_prompts(tokenizer, 5, 128)

@@ -14,16 +14,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from exporters.onnx.quantized_graph import int4_tensor
+
 TWO_GB = 2**31
-
-
-def _int4(name: str, values: np.ndarray, signed: bool) -> onnx.TensorProto:
-    flat = values.astype(np.int16).flatten() & 0x0F
-    if flat.size % 2:
-        flat = np.append(flat, 0)
-    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
-    return helper.make_tensor(name, TensorProto.INT4 if signed else TensorProto.UINT4, values.shape,
-                              packed.tobytes(), raw=True)
 
 
 def split_int8_matmuls(model: onnx.ModelProto) -> int:
@@ -63,11 +56,11 @@ def split_int8_matmuls(model: onnx.ModelProto) -> int:
         zero = array(sources[2].input[0]).astype(np.int16).T if len(sources) > 2 else None
         high, low = codes >> 4, codes & 0x0F  # floor division: codes == 16 * high + low
         stem = f"{codes_name}.split{count}"
-        new = [_int4(f"{stem}.high", high, True), _int4(f"{stem}.low", low, False),
+        new = [int4_tensor(f"{stem}.high", high, True), int4_tensor(f"{stem}.low", low, False),
                numpy_helper.from_array(scale * 16, f"{stem}.high_scale"), numpy_helper.from_array(scale, f"{stem}.low_scale")]
         high_inputs, low_inputs = [new[0].name, new[2].name], [new[1].name, new[3].name]
         if zero is not None:
-            new += [_int4(f"{stem}.high_zero", zero >> 4, True), _int4(f"{stem}.low_zero", zero & 0x0F, False)]
+            new += [int4_tensor(f"{stem}.high_zero", zero >> 4, True), int4_tensor(f"{stem}.low_zero", zero & 0x0F, False)]
             high_inputs.append(new[4].name)
             low_inputs.append(new[5].name)
         graph.initializer.extend(new)

@@ -67,8 +67,9 @@ def session_options(threads: int | None = None, optimization: str = "all", matmu
     return options
 
 
-def check_files(onnx_dir: Path, graph: str) -> None:
-    """One clear error for a missing graph, an unreadable one, or missing / short external data."""
+def check_files(onnx_dir: Path, graph: str):
+    """One clear error for a missing graph, an unreadable one, or missing / short external data;
+    returns the graph (without its external data)."""
     import onnx
 
     path = onnx_dir / graph
@@ -95,12 +96,12 @@ def check_files(onnx_dir: Path, graph: str) -> None:
         if data.stat().st_size < end:
             raise CompressorError(f"{data}: external data is truncated ({data.stat().st_size} bytes, "
                                   f"{path.name} needs {end}); export it again with: compress export onnx")
+    return proto
 
 
-def _has_int8_codes(path: Path) -> bool:
+def _has_int8_codes(proto) -> bool:
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
     return any(t.data_type == onnx.TensorProto.INT8 and t.name.endswith(".weight_codes") for t in proto.graph.initializer)
 
 
@@ -141,10 +142,10 @@ class OnnxDecoder:
         import onnxruntime as ort
 
         self.folder = Path(onnx_dir)
-        check_files(self.folder, graph)
+        self._graphs = {graph: check_files(self.folder, graph)}
         self.has_sparse_prefill = graph == DECODER_FILE and (self.folder / SPARSE_FILE).is_file()
         if self.has_sparse_prefill:
-            check_files(self.folder, SPARSE_FILE)
+            self._graphs[SPARSE_FILE] = check_files(self.folder, SPARSE_FILE)
         manifest = self.folder / MANIFEST_FILE
         self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else {}
         self.providers = choose_providers(ort.get_available_providers(), providers)
@@ -163,7 +164,7 @@ class OnnxDecoder:
         import onnxruntime as ort
 
         source = str(self.folder / graph)
-        if self.split_8bit and CPU in self.providers[:1] and _has_int8_codes(self.folder / graph):
+        if self.split_8bit and CPU in self.providers[:1] and _has_int8_codes(self._graphs[graph]):
             source = _split_8bit_graph(self.folder / graph) or source
         try:
             return ort.InferenceSession(source, options, providers=self.providers)

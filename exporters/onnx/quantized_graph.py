@@ -36,17 +36,21 @@ def _matmul_nbits_ok(weight: QuantizedWeight) -> bool:
     return weight.fmt.bits == 2 and size is not None and size >= 16 and size & (size - 1) == 0
 
 
+def int4_tensor(name: str, values: np.ndarray, signed: bool = True) -> onnx.TensorProto:
+    """An int4 (or uint4) initializer: two values per byte, the first in the low nibble (ONNX's
+    layout), an odd count padded."""
+    flat = values.astype(np.int16).flatten() & 0x0F
+    if flat.size % 2:
+        flat = np.append(flat, 0)
+    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    return helper.make_tensor(name, TensorProto.INT4 if signed else TensorProto.UINT4, values.shape,
+                              packed.tobytes(), raw=True)
+
+
 def _int_tensor(name: str, values: torch.Tensor, bits: int) -> onnx.TensorProto:
     """Signed codes as an int4 (bits <= 4) or int8 initializer."""
     array = values.to(torch.int8).numpy()
-    if bits > 4:
-        return numpy_helper.from_array(array, name)
-    # Two codes per byte, the first in the low nibble (ONNX's int4 layout), odd counts padded.
-    flat = array.flatten().astype(np.uint8) & 0x0F
-    if flat.size % 2:
-        flat = np.append(flat, np.uint8(0))
-    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
-    return helper.make_tensor(name, TensorProto.INT4, array.shape, packed.tobytes(), raw=True)
+    return int4_tensor(name, array) if bits <= 4 else numpy_helper.from_array(array, name)
 
 
 def _pack_unsigned(values: np.ndarray, bits: int) -> np.ndarray:
