@@ -1,55 +1,239 @@
-"""The artifact folder: written into a temporary sibling folder and renamed into place at the end,
-so an interrupted run never leaves a half-written artifact where a finished one is expected."""
+"""The artifact folder: claimed, staged, and published whole.
+
+A run claims its destination first (an exclusive lock beside it, so no two runs can both publish
+to one folder), works in a hidden staging folder next to it, writes the manifest of hashes last and
+renames the folder into place. An interrupted or failed run leaves nothing at the destination and
+removes its staging folder; staging folders left by a killed run are removed by the next claim.
+Published folders get ordinary permissions (the user's umask), not the private ones of a
+temporary folder.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, one_line
+from compressor.manifest import MANIFEST_FILE, write_manifest
+
+# Errors of the file system that are the user's situation, not a defect: reported as one line.
+DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted"}
+# Room kept free beyond what a run predicts it writes (analysis, report, tokenizer, headers).
+SPACE_MARGIN = 64 << 20
+
+
+def _artifact_like(folder: Path) -> bool:
+    return (folder / MANIFEST_FILE).is_file() or (folder / "config.json").is_file() or (folder / "analysis.json").is_file()
 
 
 def check_destination(dest: str | Path, force: bool) -> Path:
-    dest = Path(dest)
-    if dest.exists() and not force:
-        raise CompressorError(f"output folder exists: {dest} (pass --force to replace it)")
-    if dest.exists() and not dest.is_dir():
-        raise CompressorError(f"output path exists and is not a folder: {dest}")
+    """The destination as an absolute path (relative to the caller's working folder), refused when
+    it exists without `force`, when it is not a folder, or when `force` would replace a folder that
+    holds anything but an artifact of this toolkit (or the working folder, or one above it)."""
+    dest = Path(os.path.abspath(dest))
+    if str(dest) in (os.sep, "") or dest == Path.home() or Path.cwd().is_relative_to(dest):
+        raise CompressorError(f"output folder {dest} is the working folder, one above it, the home folder or the "
+                              "root; choose a folder of its own")
+    if dest.is_symlink():
+        raise CompressorError(f"output path {dest} is a symbolic link; give the real folder")
+    if dest.exists():
+        if not dest.is_dir():
+            raise CompressorError(f"output path exists and is not a folder: {dest}")
+        if not force:
+            raise CompressorError(f"output folder exists: {dest} (pass --force to replace it)")
+        if any(dest.iterdir()) and not _artifact_like(dest):
+            raise CompressorError(f"output folder {dest} holds files that are not an artifact of this toolkit; "
+                                  "--force replaces only artifact folders (with manifest.json or config.json)")
     return dest
+
+
+def disk_error(exc: OSError, where: Path) -> CompressorError | None:
+    """The one-line error for a file-system failure that is the user's to fix, else None."""
+    reason = DISK_ERRORS.get(exc.errno)
+    if reason is None:
+        return None
+    return CompressorError(f"cannot write {where}: {reason} ({one_line(exc.strerror or exc, 80)})")
+
+
+def free_bytes(folder: Path) -> int:
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
+
+
+def require_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuses to start work whose output cannot fit (checked before the long steps)."""
+    available = free_bytes(folder)
+    if available < needed + SPACE_MARGIN:
+        raise CompressorError(f"{folder}: {available / 1e6:.0f} MB free, but {what} needs about "
+                              f"{(needed + SPACE_MARGIN) / 1e6:.0f} MB; free some space or choose another --out")
+
+
+class _Lock:
+    """An exclusive, non-blocking lock on `.NAME.lock` beside a folder. The kernel drops it when the
+    process dies, so a killed run never leaves the folder locked."""
+
+    def __init__(self, folder: Path):
+        self.path = folder.parent / f".{folder.name}.lock"
+        self.folder = folder
+        self.fd = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise CompressorError(f"{self.folder}: another compress run (pid {holder}) is writing it; wait for "
+                                      "it to finish or choose another --out") from None
+            # The holder before us may have removed the file after we opened it: lock the live one.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self.fd = fd
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _remove_stale_staging(dest: Path) -> None:
+    """Staging folders of runs that were killed (their lock is gone, ours is held)."""
+    for prefix in (f".{dest.name}.partial-", f".{dest.name}.old-"):
+        for stale in dest.parent.glob(f"{prefix}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def publish_permissions(folder: Path) -> None:
+    """Folders rwx and files rw for whoever the umask allows, like any folder the user creates."""
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def chmod(path, mode):
+        with contextlib.suppress(PermissionError):  # a file of another user's, in an update in place
+            os.chmod(path, mode & ~umask)
+
+    chmod(folder, 0o777)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            chmod(os.path.join(root, name), 0o777)
+        for name in files:
+            chmod(os.path.join(root, name), 0o666)
+
+
+# While a run works, only these are surely about the destination (EACCES could be the source's).
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+@contextlib.contextmanager
+def _reporting_disk_errors(where: Path, codes=tuple(DISK_ERRORS)):
+    try:
+        yield
+    except OSError as exc:
+        error = disk_error(exc, where) if exc.errno in codes else None
+        if error is None:
+            raise
+        raise error from None
 
 
 @contextlib.contextmanager
 def staged_folder(dest: str | Path, force: bool = False):
-    """Yields a temporary folder; on success it replaces `dest`, on failure it is deleted."""
+    """Claims `dest`, yields an empty staging folder; on success the staging folder gets the
+    manifest and replaces `dest`, on any failure or interruption it is deleted and `dest` is left
+    as it was. Hold it around the whole run, so that the claim comes before the work."""
     dest = check_destination(dest, force)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    with _reporting_disk_errors(dest.parent):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        lock = _Lock(dest)
+        lock.acquire()
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    os.replace(staging, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        dest = check_destination(dest, force)  # again, now that no other run can change it
+        _remove_stale_staging(dest)
+        with _reporting_disk_errors(dest.parent):
+            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+        try:
+            with _reporting_disk_errors(dest, _WRITE_ERRORS):
+                yield staging
+                publish_permissions(staging)
+                write_manifest(staging)
+                if dest.exists():
+                    if not force:
+                        raise CompressorError(f"output folder {dest} appeared while this run was working; its result "
+                                              "was not published (pass --force to replace it)")
+                    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+                    os.replace(dest, old)
+                    os.replace(staging, dest)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(staging, dest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def updating_in_place(folder: str | Path):
+    """For steps that add to a published artifact (an evaluation's report, an export): holds the
+    folder's lock while they write, then writes its manifest again."""
+    folder = Path(os.path.abspath(folder))
+    lock = _Lock(folder)
+    with _reporting_disk_errors(folder):
+        lock.acquire()
+    try:
+        with _reporting_disk_errors(folder, _WRITE_ERRORS):
+            yield folder
+            publish_permissions(folder)
+            write_manifest(folder)
+    finally:
+        lock.release()
 
 
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def read_json(path: Path, what: str):
+# Largest JSON file the toolkit reads (plans and analyses of 70B models are a few MB).
+JSON_LIMIT = 256 << 20
+
+
+def read_json(path: Path, what: str, kind: type | None = dict):
+    """A JSON file as data, with one clear error for a missing, oversized, non-UTF-8, malformed or
+    too deeply nested file, or (with `kind`) one whose top level is of another type."""
+    path = Path(path)
     if not path.is_file():
         raise CompressorError(f"{what} not found: {path}")
+    if path.stat().st_size > JSON_LIMIT:
+        raise CompressorError(f"{path}: {path.stat().st_size} bytes, larger than the {JSON_LIMIT >> 20} MB allowed "
+                              f"for {what}")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CompressorError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise CompressorError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:
+        raise CompressorError(f"{path}: JSON nested too deeply") from None
+    if kind is not None and not isinstance(data, kind):
+        raise CompressorError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__} at the top "
+                              f"level for {what}, got {type(data).__name__}")
+    return data

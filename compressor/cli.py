@@ -8,15 +8,18 @@
     compress report DIR [DIR ...]
     compress select DIR (--prompt TEXT | --prompt-file FILE) [--chat] [--positions]
     compress export onnx DIR [--tolerance T]
+    compress verify DIR [--update]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("analyze", "plan", "apply", "eval", "report", "select", "export")
+SUBCOMMANDS = ("analyze", "plan", "apply", "eval", "report", "select", "export", "verify")
 
 
 def _main_parser() -> argparse.ArgumentParser:
@@ -72,6 +75,12 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("folder", help="the artifact folder")
         p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                        help=f"largest |logit difference| from the torch model allowed at export (default {DEFAULT_TOLERANCE:g})")
+    elif command == "verify":
+        p.description = ("Check an artifact folder: every file against manifest.json (size and SHA-256), and its "
+                         "config and weights against each other.")
+        p.add_argument("folder", help="the artifact folder")
+        p.add_argument("--update", action="store_true",
+                       help="accept the files as they are now: check config and weights, then write a new manifest")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -110,9 +119,9 @@ def run(argv: list[str]) -> int:
         from compressor.artifact import check_destination
 
         check_destination(args.out, args.force)
-        loaded = load_model(args.model, quiet=True)
-        analysis = pipeline.analyze(loaded, recipe, args.quiet)
         with staged_folder(args.out, args.force) as staging:
+            loaded = load_model(args.model, quiet=True)
+            analysis = pipeline.analyze(loaded, recipe, args.quiet)
             pipeline.write_analysis(analysis, staging)
         print(layer_table(analysis))
         print(f"analysis: {Path(args.out) / 'analysis.json'} (heat map: analysis.png)")
@@ -158,6 +167,9 @@ def run(argv: list[str]) -> int:
         pipeline.quiet_transformers()
         out = pipeline.export_artifact(Path(args.folder), args.format, args.tolerance, log)
         print(f"{args.format} export: {out}")
+    elif command == "verify":
+        pipeline.quiet_transformers()
+        print(pipeline.verify_artifact(Path(args.folder), args.update))
     return 0
 
 
@@ -187,20 +199,67 @@ def _print_selection(args) -> None:
         print("positions:", " ".join(map(str, kept)))
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so that staging folders are removed as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    import signal
+
+    wanted = (signal.SIGTERM, signal.SIGHUP)
+    try:
+        previous = {s: signal.signal(s, _raise_terminated) for s in wanted}
+    except ValueError:  # not the main thread: leave the handlers alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from compressor.errors import CompressorError
+    from compressor.errors import CompressorError, one_line
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        return run(argv)
+        with _signals_interrupt():
+            return run(argv)
     except CompressorError as exc:
-        print(f"compress: error: {exc}", file=sys.stderr)
+        print(f"compress: error: {one_line(exc, 2000)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
     except KeyboardInterrupt:
         print("compress: interrupted; nothing was written at the destination", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"compress: terminated by signal {exc.signum}; nothing was written at the destination", file=sys.stderr)
+        return 128 + exc.signum
+    except MemoryError:
+        print("compress: error: out of memory (try fewer calibration samples, a shorter seq_len or a smaller "
+              "batch_size)", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"compress: error: {one_line(exc.strerror or exc, 300)}{where}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a defect: still one line, the traceback on request
+        if os.environ.get("COMPRESSOR_DEBUG"):
+            raise
+        print(f"compress: error: internal error ({type(exc).__name__}: {one_line(exc, 200)}); please report it "
+              "with the traceback that COMPRESSOR_DEBUG=1 prints", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def speed(folder: str | Path, prompt: torch.Tensor, new_tokens: int, repeats: in
         prompt_file = Path(tmp) / "prompt.pt"
         torch.save(prompt.clone(), prompt_file)
         env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-        done = subprocess.run([sys.executable, "-m", "compressor.speed_probe", str(folder), str(prompt_file),
+        done = subprocess.run([sys.executable, "-m", "compressor.speed_probe", str(Path(folder).resolve()), str(prompt_file),
                                str(new_tokens), str(repeats)], capture_output=True, text=True, env=env,
                               cwd=Path(__file__).resolve().parent.parent)
     if done.returncode != 0:

@@ -7,6 +7,7 @@ that the CLI's sub-commands and the benchmarks reuse them.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -17,10 +18,11 @@ from compressor.analysis.collect import analyze_layers, super_weight_candidates,
 from compressor.analysis.quantization import quantization_inventory, quantization_sensitivity
 from compressor.analysis.removal import greedy_removal_order, removal_sensitivity
 from compressor.analysis.render import heatmap
-from compressor.artifact import check_destination, staged_folder, write_json
+from compressor.artifact import check_destination, require_free_space, staged_folder, updating_in_place, write_json
 from compressor.data import calibration_windows, default_evaluation_text
 from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model
+from compressor.manifest import verify_manifest
 from compressor.models.sources import LoadedModel, load_model
 from compressor.plan import (filter_probe_pending, make_plan, removable_candidates, removal_quotas, required_units,
                              search_key)
@@ -212,7 +214,8 @@ def write_report(folder: Path, name: str, metrics: dict, original: dict | None, 
 
 def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | Path | None = None,
              force: bool = False, quiet: bool = False, log=print) -> Path:
-    """Runs every step of a recipe and returns the artifact folder."""
+    """Runs every step of a recipe and returns the artifact folder. The destination is claimed
+    before any work (see compressor.artifact) and published whole at the end."""
     from exporters.safetensors import write_model
 
     if not isinstance(recipe, Recipe):
@@ -223,29 +226,32 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
         from exporters.onnx import require
 
         require()  # before the analysis, not after it
-    source = model or recipe.model
-    log(f"loading model: {source}" + (" (the first use converts the embedded GGUF file: about 20 s)"
-                                      if source == "embedded" else ""))
-    loaded = load_model(source, quiet=True)
-    log(f"analyzing: {recipe.calibration.samples} calibration windows x {recipe.calibration.seq_len} tokens "
-        f"from '{recipe.calibration.text}'")
-    reuse: dict = {}
-    analysis = analyze(loaded, recipe, quiet, reuse)
-    plan = make_plan(recipe, analysis)
-    removed = (plan.get("removal") or {}).get("removed", [])
-    log(f"plan: remove {len(removed)} units" + (": " + ", ".join(f"{u['layer']}.{u['unit']}" for u in removed) if removed else ""))
-    if plan.get("sparse_tokens"):
-        sparse = plan["sparse_tokens"]
-        log(f"plan: sparse tokens, {sparse['method']} at layer {sparse['filter_layer']} ({sparse['reason']})")
-    compressed = remove_units(loaded.model, plan)
-    if plan.get("sharing"):
-        log(sharing_summary(plan["sharing"]))
-        compressed = apply_sharing(compressed, loaded.tokenizer, plan, reuse.get("sharing_moments"), quiet)
-    quantized = None
-    if plan.get("quantization"):
-        log(quantization_summary(plan["quantization"]))
-        quantized = apply_quantization(compressed, loaded.tokenizer, plan, quiet)
     with staged_folder(out, force) as staging:
+        source = model or recipe.model
+        log(f"loading model: {source}" + (" (the first use converts the embedded GGUF file: about 20 s)"
+                                          if source == "embedded" else ""))
+        loaded = load_model(source, quiet=True)
+        require_free_space(staging, smallest_artifact_bytes(loaded.model, recipe), "the smallest artifact this recipe "
+                           "can make")
+        log(f"analyzing: {recipe.calibration.samples} calibration windows x {recipe.calibration.seq_len} tokens "
+            f"from '{recipe.calibration.text}'")
+        reuse: dict = {}
+        analysis = analyze(loaded, recipe, quiet, reuse)
+        plan = make_plan(recipe, analysis)
+        removed = (plan.get("removal") or {}).get("removed", [])
+        log(f"plan: remove {len(removed)} units" + (": " + ", ".join(f"{u['layer']}.{u['unit']}" for u in removed) if removed else ""))
+        if plan.get("sparse_tokens"):
+            sparse = plan["sparse_tokens"]
+            log(f"plan: sparse tokens, {sparse['method']} at layer {sparse['filter_layer']} ({sparse['reason']})")
+        compressed = remove_units(loaded.model, plan)
+        if plan.get("sharing"):
+            log(sharing_summary(plan["sharing"]))
+            compressed = apply_sharing(compressed, loaded.tokenizer, plan, reuse.get("sharing_moments"), quiet)
+        require_free_space(staging, planned_artifact_bytes(compressed, plan, recipe.export), "this plan's artifact")
+        quantized = None
+        if plan.get("quantization"):
+            log(quantization_summary(plan["quantization"]))
+            quantized = apply_quantization(compressed, loaded.tokenizer, plan, quiet)
         write_model(compressed, loaded.tokenizer, staging, quantized)
         if "onnx" in recipe.export:
             from exporters.onnx.export import export_artifact as export_onnx
@@ -263,6 +269,28 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
             original = original_metrics(loaded, recipe, quiet)
         write_report(staging, recipe.name, metrics, original, plan)
     return out
+
+
+def smallest_artifact_bytes(model, recipe: Recipe) -> int:
+    """A lower bound on the artifact's bytes, known before the analysis: half the parameters (the most
+    a removal could leave out, and more) at the smallest width the recipe allows."""
+    parameters = sum(p.numel() for p in model.parameters())
+    bits = min(recipe.quantize.bits) if recipe.quantize is not None else 8 * model.dtype.itemsize
+    return int(parameters * bits / 8 * 0.5)
+
+
+def planned_artifact_bytes(model, plan: dict, export: list[str]) -> int:
+    """What the plan's artifact will take on disk (tensors; an ONNX export stores them again)."""
+    spec = plan.get("quantization")
+    if spec:
+        tensors = int(spec["predicted_tensor_bytes"])
+    else:
+        seen, tensors = set(), 0
+        for tensor in model.state_dict().values():
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                tensors += tensor.numel() * tensor.element_size()
+    return int(tensors * (2.1 if "onnx" in export else 1.0))
 
 
 def quantization_summary(spec: dict) -> str:
@@ -288,14 +316,14 @@ def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, 
     from exporters.safetensors import write_model
 
     quiet_transformers()
-    out = check_destination(out, force)
-    loaded = load_model(source, quiet=True)
-    compressed = apply_sharing(remove_units(loaded.model, plan), loaded.tokenizer, plan, quiet=quiet)
-    quantized = apply_quantization(compressed, loaded.tokenizer, plan, quiet) if plan.get("quantization") else None
     with staged_folder(out, force) as staging:
+        loaded = load_model(source, quiet=True)
+        compressed = apply_sharing(remove_units(loaded.model, plan), loaded.tokenizer, plan, quiet=quiet)
+        require_free_space(staging, planned_artifact_bytes(compressed, plan, []), "this plan's artifact")
+        quantized = apply_quantization(compressed, loaded.tokenizer, plan, quiet) if plan.get("quantization") else None
         write_model(compressed, loaded.tokenizer, staging, quantized)
         write_json(staging / "plan.json", dict(plan, model=dict(plan.get("model") or {}, source=source)))
-    return out
+    return Path(os.path.abspath(out))
 
 
 
@@ -312,7 +340,9 @@ def export_artifact(folder: Path, fmt: str, tolerance: float | None = None, log=
 
     if not (folder / "config.json").is_file():
         raise CompressorError(f"{folder}: not an artifact folder (needs config.json and model.safetensors)")
-    return export_onnx(folder, DEFAULT_TOLERANCE if tolerance is None else tolerance, log=log)
+    with updating_in_place(folder) as folder:
+        verify_manifest(folder)  # an export of damaged weights would inherit the damage
+        return export_onnx(folder, DEFAULT_TOLERANCE if tolerance is None else tolerance, log=log)
 
 
 def evaluate_artifact(folder: Path, recipe_path: str | None, with_original: bool, quiet: bool = False,
@@ -322,7 +352,7 @@ def evaluate_artifact(folder: Path, recipe_path: str | None, with_original: bool
     from compressor.runtime import load
 
     quiet_transformers()
-    artifact = load(folder)
+    artifact = load(folder)  # checks the manifest
     saved_recipe = folder / "recipe.yaml"
     recipe_path = recipe_path or (saved_recipe if saved_recipe.is_file() else None)
     recipe = load_recipe(recipe_path) if recipe_path else Recipe(name=folder.name)
@@ -335,4 +365,34 @@ def evaluate_artifact(folder: Path, recipe_path: str | None, with_original: bool
     if with_original and source:
         log(f"evaluating original model: {source}")
         original = original_metrics(load_model(source, quiet=True), recipe, quiet)
-    return write_report(folder, recipe.name, metrics, original, plan)
+    with updating_in_place(folder):
+        return write_report(folder, recipe.name, metrics, original, plan)
+
+
+def verify_artifact(folder: Path, update: bool = False) -> str:
+    """`compress verify`: every file against the manifest, then config and weights against each
+    other (and the ONNX export's files); with `update`, the structural checks and a new manifest."""
+    from exporters.safetensors import read_model
+
+    if not folder.is_dir():
+        raise CompressorError(f"artifact folder not found: {folder}")
+    figures = None if update else verify_manifest(folder)
+    model, _ = read_model(folder)
+    onnx_dir = folder / "onnx"
+    if onnx_dir.is_dir():
+        from exporters.onnx import require
+
+        require()
+        from exporters.onnx.export import DECODER_FILE, SPARSE_FILE
+        from exporters.onnx.loader import check_files
+
+        for graph in (DECODER_FILE, SPARSE_FILE):
+            if graph == DECODER_FILE or (onnx_dir / graph).is_file():
+                check_files(onnx_dir, graph)
+    layers = model.config.num_hidden_layers
+    if update:
+        with updating_in_place(folder):  # writes the manifest on leaving
+            pass
+        return f"{folder}: config and weights consistent ({layers} layers); manifest.json written anew"
+    return (f"{folder}: verified {figures['files']} files, {figures['bytes'] / 1e6:.1f} MB against manifest.json "
+            f"(SHA-256, {figures['seconds']:.2f} s); config and weights consistent ({layers} layers)")

@@ -8,7 +8,6 @@ run the same decode loop (greedy or sampling, stop tokens, max tokens) and give 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -154,7 +153,9 @@ class Artifact:
 
 
 def _optional_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
+    from compressor.artifact import read_json
+
+    return read_json(path, path.name) if path.is_file() else None
 
 
 def _onnxruntime_installed() -> bool:
@@ -164,17 +165,24 @@ def _onnxruntime_installed() -> bool:
 
 
 def load(folder: str | Path, backend: str = "torch", providers: list[str] | None = None, threads: int | None = None,
-         optimization: str = "all", matmul_accuracy: str = "fp32") -> Artifact:
-    """Loads an artifact folder. `providers`, `threads` (intra-op; None: ONNX Runtime's default),
-    `optimization` ("disable" | "basic" | "extended" | "all") and `matmul_accuracy` ("fp32" |
-    "int8": activations quantized in fused MatMulNBits) apply to the onnxruntime backend."""
-    from exporters.safetensors import read_model
+         optimization: str = "all", matmul_accuracy: str = "fp32", verify: bool = True) -> Artifact:
+    """Loads an artifact folder. With `verify` (the default) every file is first checked against the
+    artifact's manifest (sizes and SHA-256; about 1 s per GB); verify=False skips that for speed.
+    Either way config.json and the weights are checked against each other. `providers`, `threads`
+    (intra-op; None: ONNX Runtime's default), `optimization` ("disable" | "basic" | "extended" |
+    "all") and `matmul_accuracy` ("fp32" | "int8": activations quantized in fused MatMulNBits) apply
+    to the onnxruntime backend."""
+    from exporters.safetensors import read_config, read_model, read_tokenizer
 
     if backend not in BACKENDS:
         raise CompressorError(f"backend {backend!r} is not available; allowed: {', '.join(BACKENDS)}")
     folder = Path(folder)
     if not folder.is_dir():
         raise CompressorError(f"artifact folder not found: {folder}")
+    if verify:
+        from compressor.manifest import verify_manifest
+
+        verify_manifest(folder)
     if backend == "auto":
         from exporters.onnx.export import DECODER_FILE, ONNX_DIR
 
@@ -185,14 +193,11 @@ def load(folder: str | Path, backend: str = "torch", providers: list[str] | None
     if not _onnxruntime_installed():
         raise CompressorError("backend 'onnxruntime' needs the onnxruntime package: pip install onnxruntime "
                               "(or onnxruntime-gpu on a CUDA machine)")
-    from transformers import AutoTokenizer
-
-    from compressor.modeling import CompressedConfig
     from exporters.onnx.export import ONNX_DIR
     from exporters.onnx.loader import OnnxDecoder
 
     if not (folder / "config.json").is_file():
         raise CompressorError(f"{folder}: not an artifact folder (needs config.json)")
+    config = read_config(folder)
     decoder = OnnxDecoder(folder / ONNX_DIR, providers, threads, optimization, matmul_accuracy)
-    config = CompressedConfig.from_pretrained(folder)
-    return Artifact(folder, None, AutoTokenizer.from_pretrained(folder), config=config, onnx=decoder)
+    return Artifact(folder, None, read_tokenizer(folder), config=config, onnx=decoder)

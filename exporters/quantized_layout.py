@@ -104,3 +104,21 @@ def formats_from_config(quantization: dict) -> dict[str, QuantFormat]:
 
 def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def packed_shapes(name: str, shape: tuple[int, int], fmt: QuantFormat) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The tensors `pack_weight` stores for a weight of `shape` in `fmt`: name -> (shape, kind), kind
+    'float' or a safetensors integer dtype (see exporters.safetensors.expected_tensors). Measured by
+    packing one zero row and column, so the rule is compressed-tensors' own."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    rows, columns = shape
+    groups = fmt.groups(columns)
+    packed_columns = pack_to_int32(torch.zeros(1, columns, dtype=torch.int8), fmt.bits).shape[1]
+    tensors = {f"{name}.weight_packed": ((rows, packed_columns), "I32"),
+               f"{name}.weight_scale": ((rows, groups), "float"),
+               f"{name}.weight_shape": ((2,), "I64")}
+    if not fmt.symmetric:
+        packed_rows = pack_to_int32(torch.zeros(rows, 1, dtype=torch.int8), fmt.bits, packed_dim=0).shape[0]
+        tensors[f"{name}.weight_zero_point"] = ((packed_rows, groups), "I32")
+    return tensors

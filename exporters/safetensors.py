@@ -8,15 +8,15 @@ stored in the compressed-tensors pack-quantized layout (see `exporters.quantized
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, one_line, shorten
 
 MODEL_FILE = "model.safetensors"
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -62,16 +62,13 @@ def _write_quantized(model, folder: Path, quantized: dict) -> None:
 def read_quantized_weights(folder: str | Path, state: dict | None = None) -> dict:
     """Module name -> QuantizedWeight (codes, scales, exact weights) of an artifact's packed weights;
     empty when the artifact is not quantized. The ONNX exporter writes these codes as they are."""
-    from safetensors.torch import load_file
-
-    from compressor.modeling import CompressedConfig
     from exporters.quantized_layout import formats_from_config, unpack_weight
 
     folder = Path(folder)
-    config = CompressedConfig.from_pretrained(folder)
+    config = read_config(folder)
     if not getattr(config, "quantization_config", None):
         return {}
-    state = load_file(str(folder / MODEL_FILE)) if state is None else state
+    state = load_checked(folder, config) if state is None else state
     weights = {}
     for name, fmt in formats_from_config(config.quantization_config).items():
         try:
@@ -81,12 +78,9 @@ def read_quantized_weights(folder: str | Path, state: dict | None = None) -> dic
     return weights
 
 
-def _read_quantized(folder: Path, config) -> "torch.nn.Module":
-    from safetensors.torch import load_file
-
+def _read_quantized(state: dict, config, folder: Path) -> "torch.nn.Module":
     from compressor.modeling import build_with_weights
 
-    state = load_file(str(folder / MODEL_FILE))
     for name, weight in read_quantized_weights(folder, state).items():
         for suffix in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
             state.pop(f"{name}.{suffix}", None)
@@ -95,25 +89,154 @@ def _read_quantized(folder: Path, config) -> "torch.nn.Module":
     return build_with_weights(config, state, f"reading {folder}")
 
 
-def read_model(folder: str | Path, with_tokenizer: bool = True):
-    from transformers import AutoTokenizer
+def read_config(folder: Path):
+    """The artifact's CompressedConfig, after checking config.json (see compressor.models.config_checks)."""
+    from compressor.artifact import read_json
+    from compressor.modeling import CompressedConfig
+    from compressor.models.config_checks import check_artifact_config
 
-    from compressor.modeling import CompressedConfig, CompressedForCausalLM
+    path = folder / "config.json"
+    data = read_json(path, "config.json")
+    if data.get("model_type") != CompressedConfig.model_type:
+        raise CompressorError(
+            f"{folder}: config.json model_type is {shorten(data.get('model_type'))}, expected "
+            f"{CompressedConfig.model_type!r} (an artifact written by this toolkit)")
+    check_artifact_config(data, str(path))
+    try:
+        return CompressedConfig.from_pretrained(folder)
+    except (ValueError, TypeError, KeyError, OSError) as exc:
+        raise CompressorError(f"{path}: not a valid artifact config ({one_line(exc, 200)})") from None
+
+
+def expected_tensors(config) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, tuple[int, int]]]:
+    """Every tensor model.safetensors must hold for this config: name -> (shape, kind), where kind is
+    'float' (any floating dtype) or a safetensors integer dtype. Quantized modules hold their packed
+    tensors instead of `weight`; the second mapping gives their unpacked (out, in) shapes."""
+    from compressor.modeling import CompressedForCausalLM
+    from exporters.quantized_layout import formats_from_config, packed_shapes
+
+    with torch.device("meta"):
+        model = CompressedForCausalLM(config)
+    expected = {}
+    for name, tensor in model.state_dict().items():
+        kind = "float" if tensor.is_floating_point() else "I64"
+        expected[name] = (tuple(tensor.shape), kind)
+    logical = {}
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        try:
+            formats = formats_from_config(quantization)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CompressorError(f"config.json quantization_config is not one this toolkit writes "
+                                  f"({type(exc).__name__}: {one_line(exc, 120)})") from None
+        for name, fmt in formats.items():
+            weight = expected.pop(f"{name}.weight", None)
+            if weight is None or len(weight[0]) != 2:
+                raise CompressorError(f"config.json quantization_config targets {shorten(name)}, which is not a "
+                                      "linear or the embedding of this model")
+            expected.update(packed_shapes(name, weight[0], fmt))
+            logical[name] = weight[0]
+    return expected, logical
+
+
+def _check_header(handle, expected: dict, path: Path) -> None:
+    present = set(handle.keys())
+    missing = [name for name in expected if name not in present]
+    if missing:
+        raise CompressorError(f"{path}: tensor {missing[0]} is missing"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; config.json "
+                              "implies it (a layer dropped from the weights, or config.json edited)")
+    unexplained = sorted(present - set(expected))
+    if unexplained:
+        raise CompressorError(f"{path}: tensor {shorten(unexplained[0])} is not explained by config.json"
+                              f"{f' (and {len(unexplained) - 1} more)' if len(unexplained) > 1 else ''}; "
+                              "config.json and the weights disagree")
+    for name, (shape, kind) in expected.items():
+        sliced = handle.get_slice(name)
+        got_shape, got_dtype = tuple(sliced.get_shape()), sliced.get_dtype()
+        if got_shape != shape:
+            raise CompressorError(f"{path}: tensor {name} has shape {list(got_shape)}, config.json implies "
+                                  f"{list(shape)}")
+        if (got_dtype not in FLOAT_DTYPES) if kind == "float" else (got_dtype != kind):
+            allowed = "a floating type" if kind == "float" else kind
+            raise CompressorError(f"{path}: tensor {name} is {got_dtype}, expected {allowed}")
+
+
+def _check_values(state: dict, config, logical: dict, path: Path) -> None:
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CompressorError(f"{path}: tensor {name} holds NaN or infinite values")
+    for module, shape in logical.items():
+        stored = state[f"{module}.weight_shape"].tolist()
+        if stored != list(shape):
+            raise CompressorError(f"{path}: {module}.weight_shape is {shorten(stored)}, config.json implies "
+                                  f"{list(shape)}")
+    for name, count in (getattr(config, "exact_weights", None) or {}).items():
+        index = state[f"{name}.exact_index"]
+        rows, columns = state_shape(state, name)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows * columns):
+            raise CompressorError(f"{path}: {name}.exact_index points outside its {rows} x {columns} matrix")
+
+
+def state_shape(state: dict, module: str) -> tuple[int, int]:
+    if f"{module}.weight_shape" in state:
+        rows, columns = state[f"{module}.weight_shape"].tolist()
+        return int(rows), int(columns)
+    rows, columns = state[f"{module}.weight"].shape
+    return int(rows), int(columns)
+
+
+def load_checked(folder: Path, config) -> dict:
+    """model.safetensors as tensors, after checking its header against the config: every tensor the
+    config implies present with its shape and dtype, nothing unexplained; then every float finite."""
+    from safetensors.torch import load_file
+
+    path = folder / MODEL_FILE
+    expected, logical = expected_tensors(config)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            _check_header(handle, expected, path)
+        state = load_file(str(path))
+    except CompressorError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CompressorError(f"{path}: not a readable safetensors file ({one_line(exc, 160)})") from None
+    _check_values(state, config, logical, path)
+    return state
+
+
+def read_model(folder: str | Path, with_tokenizer: bool = True):
+    """The artifact's model (float, eval mode) and tokenizer. Strict: config.json is checked, and the
+    weights against it, before the model is built (the manifest is compressor.runtime.load's)."""
+    from compressor.modeling import build_with_weights
 
     folder = Path(folder)
     if not (folder / "config.json").is_file() or not (folder / MODEL_FILE).is_file():
         raise CompressorError(f"{folder}: not an artifact folder (needs config.json and {MODEL_FILE})")
-    config_data = json.loads((folder / "config.json").read_text())
-    if config_data.get("model_type") != CompressedConfig.model_type:
-        raise CompressorError(
-            f"{folder}: config.json model_type is {config_data.get('model_type')!r}, expected "
-            f"{CompressedConfig.model_type!r} (an artifact written by this toolkit)")
-    if config_data.get("quantization_config"):
-        model = _read_quantized(folder, CompressedConfig.from_pretrained(folder))
+    config = read_config(folder)
+    state = load_checked(folder, config)
+    if getattr(config, "quantization_config", None):
+        model = _read_quantized(state, config, folder)
     else:
-        model = CompressedForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder) if with_tokenizer else None
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        model = build_with_weights(config, state, f"reading {folder}")
+    if getattr(config, "sparse_tokens", None):
+        from compressor.transforms.sparse_tokens import SparseTokenSettings, check_settings
+
+        where = f"{folder / 'config.json'} sparse_tokens"
+        check_settings(SparseTokenSettings.from_dict(config.sparse_tokens, where), config, where)
+    tokenizer = read_tokenizer(folder) if with_tokenizer else None
     return model, tokenizer
+
+
+def read_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # tokenizers and transformers raise many types for damaged files
+        raise CompressorError(f"{folder}: the tokenizer files cannot be read ({type(exc).__name__}: "
+                              f"{one_line(exc, 160)})") from None
 
 
 def tensor_bytes(path: str | Path) -> dict[str, int]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import json
 import os
 import re
 import shutil
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, one_line, shorten
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -82,35 +81,100 @@ def _from_transformers(hf_model, tokenizer, info: dict) -> LoadedModel:
     return LoadedModel(to_compressed(hf_model), tokenizer, info)
 
 
-def _check_supported(config_path: Path, source: str):
-    from compressor.models.adapters import adapter_for
+def _check_supported(raw: dict, source: str):
     from transformers import PretrainedConfig
 
-    try:
-        raw = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CompressorError(f"{source}: config.json is not readable JSON ({exc})") from exc
+    from compressor.models.adapters import adapter_for
+
     adapter_for(PretrainedConfig(**{k: v for k, v in raw.items() if k in ("architectures", "model_type")}))
 
 
+def safetensors_parameters(folder: Path) -> int | None:
+    """Parameters stored in a folder's safetensors files (read from their headers only), or None when
+    the folder has none (a PyTorch .bin checkpoint)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    count = 1
+                    for d in handle.get_slice(name).get_shape():
+                        count *= d
+                    total += count
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise CompressorError(f"{path}: not a readable safetensors file ({one_line(exc, 160)})") from None
+    return total
+
+
+def check_source_weights(model: torch.nn.Module, loading_info: dict, source: str) -> None:
+    """Strict loading: transformers fills weights it did not find with random values and only warns
+    (muted here), so missing, unexpected or mis-shaped weights and non-finite values are errors."""
+    missing = [k for k in loading_info.get("missing_keys", []) if "rotary_emb" not in k]
+    if getattr(model.config, "tie_word_embeddings", False):
+        missing = [k for k in missing if k != "lm_head.weight"]
+    for key, what in (("mismatched_keys", "has another shape than config.json implies"),
+                      ("unexpected_keys", "is not explained by config.json")):
+        found = list(loading_info.get(key) or [])
+        if found:
+            name = found[0][0] if isinstance(found[0], tuple) else found[0]
+            raise CompressorError(f"{source}: weight {shorten(name)} {what}"
+                                  f"{f' (and {len(found) - 1} more)' if len(found) > 1 else ''}")
+    if missing:
+        raise CompressorError(f"{source}: weight {missing[0]} is missing{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}"
+                              "; config.json and the weights disagree (a layer dropped, or config.json edited)")
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CompressorError(f"{source}: weight {name} holds NaN or infinite values")
+
+
 def _load_folder(path: Path, info: dict) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from compressor.artifact import read_json
     from compressor.modeling import CompressedConfig
+    from compressor.models.config_checks import check_dimensions, estimated_parameters
 
-    if json.loads((path / "config.json").read_text()).get("model_type") == CompressedConfig.model_type:
+    raw = read_json(path / "config.json", "config.json")
+    if raw.get("model_type") == CompressedConfig.model_type:
         # An artifact of this toolkit: keep its block_configs (compress it further).
+        from compressor.manifest import verify_manifest
         from exporters.safetensors import read_model
 
+        verify_manifest(path)
         model, tokenizer = read_model(path)
         return LoadedModel(model, tokenizer, dict(info, architecture=model.config.source_architecture))
-    _check_supported(path / "config.json", str(path))
+    _check_supported(raw, str(path))
+    where = str(path / "config.json")
+    check_dimensions(raw, where)
+    stored = safetensors_parameters(path)
+    implied = estimated_parameters(raw, tied=True)
+    if stored is not None and stored < implied:
+        # Before transformers allocates the model (and fills what is missing with random values).
+        raise CompressorError(f"{where} describes a model of at least {implied:,} parameters, but the weights "
+                              f"hold {stored:,}; config.json and the weights disagree")
+    tokenizer = _read_source_tokenizer(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise CompressorError(f"{path}: could not load the model folder ({str(exc).splitlines()[0]})") from exc
+        hf_model, loading_info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                      output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CompressorError(f"{path}: could not load the model folder ({one_line(exc, 200)})") from None
+    check_source_weights(hf_model, loading_info, str(path))
     return _from_transformers(hf_model.eval(), tokenizer, info)
+
+
+def _read_source_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # tokenizers and transformers raise many types for damaged files
+        raise CompressorError(f"{path}: the tokenizer files cannot be read ({type(exc).__name__}: "
+                              f"{one_line(exc, 160)})") from None
 
 
 def _load_gguf(path: Path, quiet: bool, info: dict) -> LoadedModel:
@@ -121,8 +185,8 @@ def _load_gguf(path: Path, quiet: bool, info: dict) -> LoadedModel:
         with quiet_output:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CompressorError(f"{path}: could not read the GGUF file ({str(exc).splitlines()[0]})") from exc
+    except Exception as exc:  # the GGUF reader raises many types (struct, numpy, key errors) on damaged files
+        raise CompressorError(f"{path}: could not read the GGUF file ({type(exc).__name__}: {one_line(exc, 160)})") from None
     return _from_transformers(hf_model.eval(), tokenizer, info)
 
 

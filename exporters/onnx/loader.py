@@ -7,12 +7,12 @@ external-data file and a corrupted .onnx each give one clear error naming the fi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from compressor.artifact import read_json
 from compressor.errors import CompressorError
 from exporters.onnx.export import DECODER_FILE, MANIFEST_FILE, ONNX_DIR, SPARSE_FILE
 
@@ -147,7 +147,7 @@ class OnnxDecoder:
         if self.has_sparse_prefill:
             self._graphs[SPARSE_FILE] = check_files(self.folder, SPARSE_FILE)
         manifest = self.folder / MANIFEST_FILE
-        self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        self.manifest = read_json(manifest, f"{ONNX_DIR}/{MANIFEST_FILE}") if manifest.is_file() else {}
         self.providers = choose_providers(ort.get_available_providers(), providers)
         options = session_options(threads, optimization, matmul_accuracy)
         self.split_8bit = matmul_accuracy == "fp32"
