@@ -12,7 +12,18 @@ ONNX_EXTRA ?= onnx
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-oldest-transformers bench clean
+
+# The oldest transformers that pyproject.toml allows, for the checks that depend on its API
+# (tests/test_hf_generate.py: the cache keyword and output field of generate()). It goes into a
+# folder beside the environment, put first on PYTHONPATH, not into the environment itself.
+# transformers 5.0.0 refuses at import the huggingface_hub 2.x and tokenizers 0.23.x that a fresh
+# install resolves today, so the versions it declares go into the same folder, with the httpx that
+# huggingface_hub 1.x needs (2.x moved to httpx2). About 15 MB to download, 120 MB on disk.
+OLDEST_TRANSFORMERS = 5.0.0
+OLDEST_DIR = .venv-oldest/transformers-$(OLDEST_TRANSFORMERS)
+OLDEST_SPECS = "transformers==$(OLDEST_TRANSFORMERS)" "huggingface_hub>=1.3.0,<2.0" "tokenizers>=0.22.0,<=0.23.0" \
+	"httpx>=0.23.0,<1" "httpcore>=1,<2"
 
 setup: $(STAMP)
 
@@ -31,6 +42,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+$(OLDEST_DIR)/.installed: $(STAMP) Makefile
+	rm -rf $(OLDEST_DIR)
+	$(BIN)/python -m pip install --quiet --no-deps --target $(OLDEST_DIR) $(OLDEST_SPECS)
+	touch $@
+
+test-oldest-transformers: $(OLDEST_DIR)/.installed
+	PYTHONPATH=$(OLDEST_DIR) $(BIN)/python -c "import transformers as t; \
+		assert t.__version__ == '$(OLDEST_TRANSFORMERS)', f'transformers {t.__version__} from {t.__file__}'"
+	PYTHONPATH=$(OLDEST_DIR) $(BIN)/python -m pytest -q tests/test_hf_generate.py
+
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.removal
@@ -40,4 +61,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.onnx
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) .venv-oldest out .pytest_cache

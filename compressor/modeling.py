@@ -8,6 +8,7 @@ which family it came from is recorded in `source_architecture` only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -382,14 +383,16 @@ class CompressedModel(CompressedPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, start_layer: int = 0, **kwargs):
-        """`inputs_embeds` with `start_layer` > 0 resumes from that layer's input hidden states."""
+                inputs_embeds=None, start_layer: int = 0, cache=None, **kwargs):
+        """`inputs_embeds` with `start_layer` > 0 resumes from that layer's input hidden states. The
+        cache (a KVCache or a transformers Cache) may come as `past_key_values` or as `cache`."""
+        cache = cache_argument(past_key_values, cache)
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = h.shape[:2]
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = default_positions(attention_mask, b, t, past, h.device)
-        h = self.run_layers(h, position_ids, attention_mask, past_key_values, start_layer)
+        h = self.run_layers(h, position_ids, attention_mask, cache, start_layer)
         return self.norm(h)
 
     def run_layers(self, h, position_ids, attention_mask, cache, start: int = 0, stop: int | None = None):
@@ -400,6 +403,24 @@ class CompressedModel(CompressedPreTrainedModel):
         for layer in self.layers[start:stop]:
             h = layer(h, cos, sin, mask, cache)
         return h
+
+
+# transformers 5.0 passes the KV cache to forward as `past_key_values` and reads it back from the
+# output's `past_key_values`; later 5.x releases pass it as `cache` (generation/utils.py,
+# prepare_inputs_for_generation: `model_inputs["cache"] = cache`) and read `outputs["cache"]`, the
+# output classes' field being renamed to match. forward accepts both names and fills whichever field
+# the installed output class has (the old name there would only be renamed, with a warning).
+OUTPUT_CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+                      else "past_key_values")
+
+
+def cache_argument(past_key_values, cache):
+    """The one cache given under either name (None when neither is)."""
+    if cache is None:
+        return past_key_values
+    if past_key_values is not None and past_key_values is not cache:
+        raise ValueError("two different caches given, as past_key_values and as cache; pass one")
+    return cache
 
 
 def projection_in_features(config: CompressedConfig, projection: str) -> int:
@@ -484,19 +505,22 @@ class CompressedForCausalLM(CompressedPreTrainedModel, GenerationMixin):
         return self.lm_head
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=None, labels=None, inputs_embeds=None, logits_to_keep: int = 0, **kwargs):
+                use_cache=None, labels=None, inputs_embeds=None, logits_to_keep: int = 0, cache=None, **kwargs):
+        """The cache may come as `past_key_values` (the toolkit, transformers 5.0) or as `cache`
+        (later transformers); it is returned under the output field the installed transformers reads."""
         if not self._exact_weights_restored:
             self.restore_exact_weights()
-        if use_cache and past_key_values is None:
-            past_key_values = KVCache()
-        h = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
+        cache = cache_argument(past_key_values, cache)
+        if use_cache and cache is None:
+            cache = KVCache()
+        h = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.output_logits(h)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{OUTPUT_CACHE_FIELD: cache if use_cache else None})
 
 
 def build_with_weights(config: CompressedConfig, state: dict, origin: str) -> CompressedForCausalLM:
