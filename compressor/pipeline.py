@@ -313,11 +313,13 @@ def sharing_summary(spec: dict) -> str:
 
 
 def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, quiet: bool = False) -> Path:
+    from compressor.plan import check_plan_for_model
     from exporters.safetensors import write_model
 
     quiet_transformers()
     with staged_folder(out, force) as staging:
         loaded = load_model(source, quiet=True)
+        check_plan_for_model(plan, loaded.model)  # names, shapes and ranks against this model, before any work
         compressed = apply_sharing(remove_units(loaded.model, plan), loaded.tokenizer, plan, quiet=quiet)
         require_free_space(staging, planned_artifact_bytes(compressed, plan, []), "this plan's artifact")
         quantized = apply_quantization(compressed, loaded.tokenizer, plan, quiet) if plan.get("quantization") else None
@@ -341,7 +343,7 @@ def export_artifact(folder: Path, fmt: str, tolerance: float | None = None, log=
     if not (folder / "config.json").is_file():
         raise CompressorError(f"{folder}: not an artifact folder (needs config.json and model.safetensors)")
     with updating_in_place(folder) as folder:
-        verify_manifest(folder)  # an export of damaged weights would inherit the damage
+        verify_manifest(folder, skip=("onnx/",))  # an export of damaged weights would inherit the damage
         return export_onnx(folder, DEFAULT_TOLERANCE if tolerance is None else tolerance, log=log)
 
 

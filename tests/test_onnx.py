@@ -330,20 +330,27 @@ def _copy(folder: Path, target: Path) -> Path:
 
 
 def test_corrupted_graph_and_missing_or_truncated_external_data_fail_clearly(artifacts, tmp_path):
+    """The manifest refuses each damage first; without it (verify=False) the loader's own checks do."""
     folder = artifacts("removal")
     broken = _copy(folder, tmp_path / "corrupted")
     (broken / "onnx" / DECODER_FILE).write_bytes(b"\x08\x07garbage" * 100)
-    with pytest.raises(CompressorError, match=r"model.onnx: not a readable ONNX model"):
+    with pytest.raises(CompressorError, match=r"model.onnx: 900 bytes, the manifest says \d+"):
         compressor.load(broken, backend="onnxruntime")
+    with pytest.raises(CompressorError, match=r"model.onnx: not a readable ONNX model"):
+        compressor.load(broken, backend="onnxruntime", verify=False)
     missing = _copy(folder, tmp_path / "missing")
     (missing / "onnx" / WEIGHTS_FILE).unlink()
-    with pytest.raises(CompressorError, match=r"external-data file .*weights.data is missing"):
+    with pytest.raises(CompressorError, match=r"onnx/weights.data is listed in manifest.json but missing"):
         compressor.load(missing, backend="onnxruntime")
+    with pytest.raises(CompressorError, match=r"external-data file .*weights.data is missing"):
+        compressor.load(missing, backend="onnxruntime", verify=False)
     short = _copy(folder, tmp_path / "short")
     data = short / "onnx" / WEIGHTS_FILE
     data.write_bytes(data.read_bytes()[:1000])
-    with pytest.raises(CompressorError, match=r"weights.data: external data is truncated"):
+    with pytest.raises(CompressorError, match=r"weights.data: 1000 bytes, the manifest says"):
         compressor.load(short, backend="onnxruntime")
+    with pytest.raises(CompressorError, match=r"weights.data: external data is truncated"):
+        compressor.load(short, backend="onnxruntime", verify=False)
 
 
 def test_cli_export_and_its_errors(artifacts, tmp_path, capsys):

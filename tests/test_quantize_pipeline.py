@@ -32,6 +32,7 @@ from compressor.recipe import parse_recipe
 from compressor.transforms.quantize import QuantFormat, rtn_quantize, stored_bytes
 from compressor.transforms.quantize_model import decoder_linears
 from exporters.quantized_layout import formats_from_config
+from compressor.manifest import write_manifest
 from exporters.safetensors import MODEL_FILE, tensor_bytes, write_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -339,6 +340,7 @@ def test_exact_weight_survives_export_and_both_loaders(tiny_model_folder, tiny_a
 
     folder = tmp_path / "exact"
     write_model(loaded.model, loaded.tokenizer, folder, quantized)
+    write_manifest(folder)
     config = read_json(folder / "config.json")
     assert config["exact_weights"] == {EXACT_MODULE: 1}
     stored = tensor_bytes(folder / MODEL_FILE)
@@ -420,6 +422,7 @@ def asymmetric(tmp_path_factory, tiny_model_folder, tiny_analysis) -> Built:
     folder = tmp_path_factory.mktemp("asym") / "artifact"
     write_model(loaded.model, loaded.tokenizer, folder, quantized)
     (folder / "plan.json").write_text(json.dumps(plan))
+    write_manifest(folder)
     return Built(folder, loaded.model, quantized)
 
 
