@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import compressor
 from compressor.data import embedded_text
+from compressor.manifest import write_manifest
 from compressor.modeling import KVCache
 from compressor.models.adapters import to_compressed
 from compressor.transforms.prune import remove_units
@@ -81,6 +82,7 @@ def write_artifact(variant: Variant, tokenizer, folder: Path) -> Path:
     if variant.removed_attention or variant.removed_mlp:
         model = remove_units(model, removal_plan(variant))
     write_model(model, tokenizer, folder, quantize_all(model) if variant.quantized else None)
+    write_manifest(folder)  # what compress() writes last; compressor.load checks the files against it
     return folder
 
 
