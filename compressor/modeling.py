@@ -357,15 +357,19 @@ class CompressedPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module):
+        # Through torch.nn.init: transformers 5.0 runs this after loading and skips loaded weights
+        # only for initializers it can intercept there (`.data.normal_()` re-randomized them).
         std = getattr(self.config, "initializer_range", 0.02)
+        if not isinstance(getattr(module, "weight", None), torch.Tensor):
+            return  # a packed quantized weight: restored from its codes, nothing to initialize
         if isinstance(module, nn.Linear):
-            module.weight.data.normal_(0.0, std)
+            nn.init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
-                module.bias.data.zero_()
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            module.weight.data.normal_(0.0, std)
+            nn.init.normal_(module.weight, 0.0, std)
         elif isinstance(module, RMSNorm):
-            module.weight.data.fill_(1.0)
+            nn.init.ones_(module.weight)
 
 
 class CompressedModel(CompressedPreTrainedModel):

@@ -378,8 +378,13 @@ def verify_artifact(folder: Path, update: bool = False) -> str:
 
     if not folder.is_dir():
         raise CompressorError(f"artifact folder not found: {folder}")
+    from compressor.artifact import read_json
+
     figures = None if update else verify_manifest(folder)
     model, _ = read_model(folder)
+    for name in ("plan.json", "analysis.json", "report.json", "onnx/export.json"):
+        if (folder / name).is_file():
+            read_json(folder / name, name)
     onnx_dir = folder / "onnx"
     if onnx_dir.is_dir():
         from exporters.onnx import require

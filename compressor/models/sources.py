@@ -159,8 +159,10 @@ def _load_folder(path: Path, info: dict) -> LoadedModel:
                               f"hold {stored:,}; config.json and the weights disagree")
     tokenizer = _read_source_tokenizer(path)
     try:
+        # Mis-shaped weights are reported in loading_info (and refused below, by name).
         hf_model, loading_info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                                      output_loading_info=True)
+                                                                      output_loading_info=True,
+                                                                      ignore_mismatched_sizes=True)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise CompressorError(f"{path}: could not load the model folder ({one_line(exc, 200)})") from None
     check_source_weights(hf_model, loading_info, str(path))
