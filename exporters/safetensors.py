@@ -8,6 +8,9 @@ stored in the compressed-tensors pack-quantized layout (see `exporters.quantized
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -24,12 +27,27 @@ def write_model(model, tokenizer, folder: str | Path, quantized: dict | None = N
     """Writes the model; `quantized` (module name -> QuantizedWeight) replaces those weights by their
     packed codes (the model itself must already hold their dequantized values)."""
     folder = Path(folder)
-    if quantized:
-        _write_quantized(model, folder, quantized)
-    else:
-        model.save_pretrained(folder, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    with _os_errors(folder):
+        if quantized:
+            _write_quantized(model, folder, quantized)
+        else:
+            model.save_pretrained(folder, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+
+@contextlib.contextmanager
+def _os_errors(folder: Path):
+    """safetensors reports a failed write (a full disk) as its own error type with the OS error number
+    in the text; turn it back into the OSError it is, so the caller's disk-error handling applies."""
+    try:
+        yield
+    except Exception as exc:
+        found = re.search(r"os error (\d+)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(folder)) from None
 
 
 def _write_quantized(model, folder: Path, quantized: dict) -> None:
