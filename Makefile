@@ -39,8 +39,10 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/compress --recipe recipes/balanced.yaml --force
 
+# The suite, then transformers' generate() tests again under the oldest transformers allowed.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-oldest-transformers
 
 $(OLDEST_DIR)/.installed: $(STAMP) Makefile
 	rm -rf $(OLDEST_DIR)
@@ -58,6 +60,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.quantization
 	$(BIN)/python -m bench.sparse_tokens
 	$(BIN)/python -m bench.sharing
+	$(BIN)/python -m bench.verify
 	$(BIN)/python -m bench.onnx
 
 clean:
