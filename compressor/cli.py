@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         with _signals_interrupt():
             return run(argv)
     except CompressorError as exc:
-        print(f"compress: error: {one_line(exc, 2000)}", file=sys.stderr)
+        print(f"compress: error: {one_line(' '.join(str(exc).split(chr(10))), 2000)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
