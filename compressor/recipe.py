@@ -2,55 +2,107 @@
 
 A recipe is YAML checked against a strict schema (unknown keys and wrong types are errors that
 name the field, the bad value and what is allowed). The recipe is saved beside the artifact.
+
+The file is read within the limits of `compressor.safe_load` (size, nesting, alias expansion,
+UTF-8); numbers must be finite and stay below bounds far above any real run (the constants
+below), so that a typo cannot ask for terabytes of calibration tokens.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, \
+    model_validator
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, one_line, shorten
 
+# Upper bounds of numeric fields (far above real runs; they stop absurd allocations, not experiments).
+MAX_WINDOWS = 65_536                # calibration / evaluation / search windows, probe cases
+MAX_SEQ_LEN = 131_072               # tokens per window or prompt
+MAX_CALIBRATION_TOKENS = 1 << 25    # samples x seq_len (33.5M tokens)
+MAX_PROMPT_TOKENS = 1 << 20         # sparse-token prompts and probes
+MAX_NEW_TOKENS = 4_096
+MAX_LAYERS = 10_000                 # layer indices, protected layers, group sizes
+MAX_UNITS = 2 * MAX_LAYERS          # removal budgets (counts)
+MAX_BATCH = 4_096
+MAX_SEED = 2**32 - 1
+MAX_RANK = 65_536
+MAX_BYTES = 1 << 50
+MAX_REPEATS = 1_000
+MAX_LIST = 64                       # entries of short lists (widths, lengths, projections, formats)
+MAX_TEXT = 4_096                    # characters of a path, a model source or a description
+
+# A recipe's name is the default output folder out/NAME and the name in reports: one path
+# component, nothing that walks out of out/ (no "/", "\\", "." or ".."), no hidden folder.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+NAME_RULE = ("1 to 100 characters: letters, digits, '.', '_' and '-', starting with a letter or digit "
+             "(it becomes the folder out/NAME)")
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"{shorten(name, 60)} is not a recipe name; allowed: {NAME_RULE}")
+    return name
+
+
+def _plain_text(value: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"must not contain control characters (newline, tab, NUL), got {shorten(value, 60)}")
+    return value
+
+
+# A file path, a model source or a dataset spec: one line of at most MAX_TEXT characters.
+PathText = Annotated[str, Field(min_length=1, max_length=MAX_TEXT), AfterValidator(_plain_text)]
+LayerIndex = Annotated[int, Field(ge=0, lt=MAX_LAYERS)]
 Budget = Union[int, float]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are errors; floats must be finite (.inf and .nan are refused).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Calibration(Strict):
-    text: str = "embedded"
-    samples: int = Field(32, ge=1)
-    seq_len: int = Field(512, ge=8)
-    seed: int = 0
+    text: PathText = "embedded"
+    samples: int = Field(32, ge=1, le=MAX_WINDOWS)
+    seq_len: int = Field(512, ge=8, le=MAX_SEQ_LEN)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+    @model_validator(mode="after")
+    def bounded_tokens(self):
+        if self.samples * self.seq_len > MAX_CALIBRATION_TOKENS:
+            raise ValueError(f"samples x seq_len is {self.samples * self.seq_len} tokens; allowed: at most "
+                             f"{MAX_CALIBRATION_TOKENS}")
+        return self
 
 
 class Protect(Strict):
-    first: int = Field(1, ge=0)
-    last: int = Field(1, ge=0)
+    first: int = Field(1, ge=0, le=MAX_LAYERS)
+    last: int = Field(1, ge=0, le=MAX_LAYERS)
 
 
 class Removal(Strict):
     method: Literal["similarity", "iterative", "finercut"] = "similarity"
     # Counts (int) or fractions of that unit kind in the model (float in [0, 1)).
-    attention: Budget = Field(0, ge=0)
-    mlp: Budget = Field(0, ge=0)
-    any: Budget = Field(0, ge=0)
+    attention: Budget = Field(0, ge=0, le=MAX_UNITS)
+    mlp: Budget = Field(0, ge=0, le=MAX_UNITS)
+    any: Budget = Field(0, ge=0, le=MAX_UNITS)
     protect: Protect = Protect()
     # The greedy methods score candidates on the first `search_samples` calibration windows, cut
     # to `search_seq_len` tokens (scoring every candidate at every step is the costly part).
-    search_samples: int = Field(8, ge=1)
-    search_seq_len: int = Field(128, ge=8)
+    search_samples: int = Field(8, ge=1, le=MAX_WINDOWS)
+    search_seq_len: int = Field(128, ge=8, le=MAX_SEQ_LEN)
 
 
 class QuantizeBudget(Strict):
     """Exactly one of: `avg_bits`, the mean stored bits per weight of the decoder linears (packed codes,
     scales and zero points included), or `bytes`, the whole model.safetensors (every tensor)."""
-    avg_bits: float | None = Field(None, gt=0)
-    bytes: int | None = Field(None, gt=0)
+    avg_bits: float | None = Field(None, gt=0, le=32)
+    bytes: int | None = Field(None, gt=0, le=MAX_BYTES)
 
     @model_validator(mode="after")
     def exactly_one(self):
@@ -64,12 +116,12 @@ class QuantizeProtect(Strict):
     # `pin` gives their layer (and layers where massive activations appear) the highest width,
     # `auto` is `keep`, `none` does nothing.
     outliers: Literal["auto", "keep", "pin", "none"] = "auto"
-    layers: list[int] = []
+    layers: list[LayerIndex] = Field([], max_length=MAX_LAYERS)
 
 
 class Quantize(Strict):
     method: Literal["rtn", "gptq"] = "gptq"
-    bits: list[Literal[2, 3, 4, 8]] = Field([2, 3, 4, 8], min_length=1)
+    bits: list[Literal[2, 3, 4, 8]] = Field([2, 3, 4, 8], min_length=1, max_length=MAX_LIST)
     group_size: Literal[32, 64, 128, "channel"] = 64
     symmetric: bool = True
     budget: QuantizeBudget = QuantizeBudget(avg_bits=4.0)
@@ -81,19 +133,19 @@ class Quantize(Strict):
     # GPTQ: damping (a fraction of the mean Hessian diagonal), columns in order of decreasing
     # Hessian diagonal, and how calibration tokens are weighted in the Hessian (`equal`: each
     # token's input scaled to unit norm, so massive-activation tokens do not dominate; `raw`: X^T X).
-    damp: float = Field(0.1, gt=0)
+    damp: float = Field(0.1, gt=0, le=100)
     act_order: bool = True
     hessian_tokens: Literal["equal", "raw"] = "equal"
     # Sensitivity: KL divergence of the final next-token distributions with one allocation unit
     # quantized at each width, on the first `sensitivity_samples` calibration windows cut to
     # `sensitivity_seq_len` tokens.
-    sensitivity_samples: int = Field(8, ge=1)
-    sensitivity_seq_len: int = Field(256, ge=8)
+    sensitivity_samples: int = Field(8, ge=1, le=MAX_WINDOWS)
+    sensitivity_seq_len: int = Field(256, ge=8, le=MAX_SEQ_LEN)
 
     @model_validator(mode="after")
     def distinct_bits(self):
         if len(set(self.bits)) != len(self.bits):
-            raise ValueError(f"bits must not repeat a width, got {self.bits}")
+            raise ValueError(f"bits must not repeat a width, got {shorten(self.bits)}")
         self.bits = sorted(self.bits)
         return self
 
@@ -102,20 +154,20 @@ class FilterProbe(Strict):
     """The retrieval probe behind `filter_layer: auto`: needles planted in calibration text at
     `samples` depths in prompts of `tokens` tokens; a layer recovers a needle when its selection keeps
     the needle's number; the earliest layer recovering at least `min_recall` of them is chosen."""
-    samples: int = Field(8, ge=1)
-    tokens: int = Field(4096, ge=64)
+    samples: int = Field(8, ge=1, le=MAX_WINDOWS)
+    tokens: int = Field(4096, ge=64, le=MAX_PROMPT_TOKENS)
     min_recall: float = Field(1.0, gt=0, le=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class SparseTokens(Strict):
     """Sparse-token attention for long prompts (see compressor.transforms.sparse_tokens)."""
     method: Literal["gemfilter", "promptdistill"] = "promptdistill"
-    filter_layer: Union[Literal["auto"], int] = "auto"
-    keep_tokens: int = Field(1024, ge=2)
-    keep_first: int = Field(1, ge=0)
-    keep_last: int = Field(32, ge=1)
-    pool_width: int = Field(5, ge=1)
+    filter_layer: Union[Literal["auto"], Annotated[int, Field(lt=MAX_LAYERS)]] = "auto"
+    keep_tokens: int = Field(1024, ge=2, le=MAX_PROMPT_TOKENS)
+    keep_first: int = Field(1, ge=0, le=MAX_PROMPT_TOKENS)
+    keep_last: int = Field(32, ge=1, le=MAX_PROMPT_TOKENS)
+    pool_width: int = Field(5, ge=1, le=1025)
     probe: FilterProbe = FilterProbe()
 
     @model_validator(mode="after")
@@ -139,7 +191,7 @@ Projection = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 class Share(Strict):
     """Cross-layer weight sharing (see compressor.transforms.share): each listed projection is
     grouped across layers; a group stores one basis and per-layer coefficients."""
-    projections: list[Projection] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    projections: list[Projection] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, max_length=MAX_LIST)
     # Fraction of the listed projections' parameters to remove (0.2: 20 % fewer).
     reduction: float = Field(0.2, gt=0, lt=1)
     # `activation`: whitened by the calibration inputs, coefficients refit by least squares;
@@ -149,7 +201,7 @@ class Share(Strict):
     # group (as many groups as `adjacent` would make, each at most twice `group_size`);
     # `adjacent`: consecutive runs of `group_size` layers. group_size 1 is per-layer truncated SVD.
     grouping: Literal["similarity", "adjacent"] = "similarity"
-    group_size: int = Field(5, ge=1)
+    group_size: int = Field(5, ge=1, le=MAX_LAYERS)
     # `error`: ranks chosen across all groups (an exact knapsack) to minimize the summed per-layer
     # relative fit error within the budget, so a group may stay dense; `uniform`: every group keeps
     # the same fraction of its parameters.
@@ -159,42 +211,42 @@ class Share(Strict):
     # the embedded model it helps at light reductions (10 %) and hurts at 20-30 % (README).
     per_layer_fallback: bool = False
     # A per-layer low-rank correction of this rank beside the shared part (0: none).
-    residual_rank: int = Field(0, ge=0)
+    residual_rank: int = Field(0, ge=0, le=MAX_RANK)
     # Ranks are multiples of this (and of the quantization group size when quantizing).
-    rank_multiple: int = Field(32, ge=1)
+    rank_multiple: int = Field(32, ge=1, le=MAX_RANK)
 
     @model_validator(mode="after")
     def distinct_projections(self):
         if len(set(self.projections)) != len(self.projections):
-            raise ValueError(f"projections must not repeat, got {self.projections}")
+            raise ValueError(f"projections must not repeat, got {shorten(self.projections)}")
         return self
 
 
 class Analysis(Strict):
     removal_sensitivity: bool = False
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH)
 
 
 class Speed(Strict):
-    prompt_tokens: int = Field(512, ge=1)
-    new_tokens: int = Field(32, ge=1)
-    repeats: int = Field(3, ge=1)
+    prompt_tokens: int = Field(512, ge=1, le=MAX_SEQ_LEN)
+    new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS)
+    repeats: int = Field(3, ge=1, le=MAX_REPEATS)
 
 
 class Needles(Strict):
     """Needle-in-a-haystack cases: `per_cell` for every length x depth, haystack from `text`."""
-    text: str = "auto"  # auto: the evaluation text
-    lengths: list[int] = Field([4096], min_length=1)
-    depths: int = Field(5, ge=1)
-    per_cell: int = Field(1, ge=1)
-    seed: int = 0
-    max_new_tokens: int = Field(12, ge=1)
+    text: PathText = "auto"  # auto: the evaluation text
+    lengths: list[Annotated[int, Field(ge=64, le=MAX_PROMPT_TOKENS)]] = Field([4096], min_length=1, max_length=MAX_LIST)
+    depths: int = Field(5, ge=1, le=MAX_REPEATS)
+    per_cell: int = Field(1, ge=1, le=MAX_REPEATS)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    max_new_tokens: int = Field(12, ge=1, le=MAX_NEW_TOKENS)
 
 
 class Evaluation(Strict):
-    text: str = "auto"  # auto: WikiText-2 test when present beside the project, else embedded text
-    windows: int = Field(16, ge=1)
-    seq_len: int = Field(512, ge=8)
+    text: PathText = "auto"  # auto: WikiText-2 test when present beside the project, else embedded text
+    windows: int = Field(16, ge=1, le=MAX_WINDOWS)
+    seq_len: int = Field(512, ge=8, le=MAX_SEQ_LEN)
     speed: Speed = Speed()
     compare_original: bool = True
     # Needle retrieval with and without the plan's sparse-token filter (off when absent).
@@ -202,9 +254,12 @@ class Evaluation(Strict):
 
 
 class Recipe(Strict):
+    # The default output folder is out/NAME. A recipe read from a file or the command line must have
+    # a NAME_RULE name: 1 to 100 of letters, digits, '.', '_', '-', starting with a letter or digit
+    # (so no path separators, no '.', '..' or hidden folder, no spaces or control characters).
     name: str = "recipe"
-    description: str = ""
-    model: str = "embedded"
+    description: str = Field("", max_length=MAX_TEXT)
+    model: PathText = "embedded"
     calibration: Calibration = Calibration()
     analysis: Analysis = Analysis()
     remove: Removal | None = None
@@ -213,7 +268,16 @@ class Recipe(Strict):
     share: Share | None = None
     evaluate: Evaluation = Evaluation()
     # model.safetensors is always written (every other format is exported from it); "onnx" adds onnx/.
-    export: list[Literal["safetensors", "onnx"]] = ["safetensors"]
+    export: list[Literal["safetensors", "onnx"]] = Field(["safetensors"], max_length=MAX_LIST)
+
+    @field_validator("name")
+    @classmethod
+    def a_name(cls, name: str, info: ValidationInfo) -> str:
+        # Checked for recipes read from input (parse_recipe); `Recipe(name=...)` built by code (the
+        # evaluation of an artifact folder without recipe.yaml uses the folder's name) is left alone.
+        if (info.context or {}).get("input"):
+            check_name(name)
+        return name
 
 
 def _allowed_fields(model_cls, loc) -> list[str]:
@@ -231,18 +295,57 @@ def _allowed_fields(model_cls, loc) -> list[str]:
     return list(cls.model_fields)
 
 
-def describe_validation_error(error: ValidationError, where: str) -> str:
-    lines = []
-    for item in error.errors():
-        loc = [str(p) for p in item["loc"] if not str(p).startswith(("int", "float", "function"))]
-        field = ".".join(loc) or "(top level)"
+# pydantic's names for the branches of a union (remove.attention.int), not part of a field's path.
+_BRANCH_NAMES = ("int", "float", "str", "bool")
+_BRANCH_PREFIXES = ("function-", "literal[", "constrained-")
+# An error line names at most this many characters of problems (then "and N more").
+MESSAGE_LIMIT = 280
+
+
+def _path_part(part) -> str:
+    text = str(part)
+    if len(text) > 40 or not text.isprintable():
+        text = shorten(text, 40)
+    return text
+
+
+def _field_path(loc: tuple, prefix: str = "", user_key_last: bool = False) -> str:
+    """The dotted path of an error's location, without pydantic's union branch names (the last part
+    of an unknown-key error is the user's key, kept whatever it is)."""
+    parts = [_path_part(p) for i, p in enumerate(loc)
+             if (user_key_last and i == len(loc) - 1)
+             or not (isinstance(p, str) and (p in _BRANCH_NAMES or p.startswith(_BRANCH_PREFIXES)))]
+    return ".".join(([prefix] if prefix else []) + parts) or "(top level)"
+
+
+def describe_validation_error(error: ValidationError, where: str, model_cls=None, prefix: str = "") -> str:
+    """One line for all of a validation's problems: each names the field, says what is allowed and
+    quotes the bad value (shortened); past MESSAGE_LIMIT characters the rest are counted."""
+    model_cls = model_cls or Recipe
+    lines, by_field = [], {}
+    for item in error.errors(include_url=False):
+        field = _field_path(tuple(item["loc"]), prefix, item["type"] == "extra_forbidden")
         if item["type"] == "extra_forbidden":
-            allowed = _allowed_fields(Recipe, tuple(item["loc"]))
+            allowed = _allowed_fields(model_cls, tuple(item["loc"]))
             lines.append(f"unknown key '{field}'; allowed here: {', '.join(allowed)}")
-        else:
-            lines.append(f"{field}: {item['msg'].lower()} (got {item.get('input')!r})")
+        elif item["type"] == "value_error":  # our own validators quote what they refuse
+            message = str(item["msg"]).removeprefix("Value error, ")
+            lines.append(one_line(f"{field}: {message}", MESSAGE_LIMIT))
+        else:  # the branches of a union (a count or a fraction) are one problem of one field
+            if field not in by_field:
+                by_field[field] = ([], shorten(item.get("input"), 60))
+                lines.append(field)
+            by_field[field][0].append(str(item["msg"]).lower())
+    lines = [one_line(f"{line}: {' or '.join(dict.fromkeys(by_field[line][0]))} (got {by_field[line][1]})",
+                      MESSAGE_LIMIT) if line in by_field else line for line in lines]
     unique = list(dict.fromkeys(lines))
-    return f"{where}: " + "; ".join(unique)
+    shown = unique[:1]
+    for line in unique[1:]:
+        if len("; ".join(shown + [line])) > MESSAGE_LIMIT:
+            break
+        shown.append(line)
+    more = f"; and {len(unique) - len(shown)} more" if len(unique) > len(shown) else ""
+    return f"{where}: " + "; ".join(shown) + more
 
 
 def parse_recipe(data, where: str = "recipe") -> Recipe:
@@ -251,22 +354,18 @@ def parse_recipe(data, where: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise CompressorError(f"{where}: expected a mapping of recipe keys at the top level, got {type(data).__name__}")
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data, context={"input": True})
     except ValidationError as exc:
         raise CompressorError(describe_validation_error(exc, where)) from None
+    except RecursionError:  # data built by code, nested past Python's stack (files are depth-limited)
+        raise CompressorError(f"{where}: nested too deeply to be a recipe") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise CompressorError(f"recipe not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise CompressorError(f"{path}: malformed YAML{at}: {getattr(exc, 'problem', exc)}") from None
-    return parse_recipe(data, str(path))
+    """A recipe file: at most RECIPE_MAX_BYTES of UTF-8 YAML (see compressor.safe_load), validated."""
+    from compressor.safe_load import RECIPE_MAX_BYTES, read_yaml
+
+    return parse_recipe(read_yaml(path, "recipe", RECIPE_MAX_BYTES), str(path))
 
 
 def recipe_yaml(recipe: Recipe) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,150 @@ def test_shipped_recipes_round_trip(path, tmp_path):
     saved = tmp_path / "recipe.yaml"
     saved.write_text(recipe_yaml(recipe))
     assert load_recipe(saved) == recipe
+
+
+# ---- names, limits and hostile files ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["/some/folder", "..", ".", "", "a/b", "a\\b", ".hidden", "-x", "x" * 101, "two words",
+                                  "new\nline", "nul\x00", "ünïcode", " lead"])
+def test_a_name_is_one_safe_path_component(name):
+    message = error_of({"name": name})
+    assert message.startswith("recipe: name: ") and "is not a recipe name" in message
+    assert "letters, digits, '.', '_' and '-'" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["balanced", "my-recipe_2.v1", "R", "x" * 100, "0"])
+def test_good_names_are_kept(name):
+    assert parse_recipe({"name": name}).name == name
+
+
+def test_a_recipe_built_by_code_keeps_any_name():
+    # The evaluation of an artifact folder without recipe.yaml names its recipe after the folder.
+    assert Recipe(name="").name == "" and Recipe(name="my artifact").name == "my artifact"
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"quantize": {"budget": {"avg_bits": float("inf")}}}, "quantize.budget.avg_bits"),
+    ({"quantize": {"budget": {"avg_bits": float("nan")}}}, "quantize.budget.avg_bits"),
+    ({"quantize": {"damp": float("nan")}}, "quantize.damp"),
+    ({"share": {"reduction": float("nan")}}, "share.reduction"),
+    ({"remove": {"attention": float("inf")}}, "remove.attention"),
+])
+def test_floats_must_be_finite(data, field):
+    message = error_of(data)
+    assert f"{field}: " in message and "finite number" in message
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"calibration": {"samples": 10**9}}, "calibration.samples"),
+    ({"calibration": {"seq_len": 10**7}}, "calibration.seq_len"),
+    ({"calibration": {"seed": 2**70}}, "calibration.seed"),
+    ({"calibration": {"seed": -1}}, "calibration.seed"),
+    ({"analysis": {"batch_size": 10**9}}, "analysis.batch_size"),
+    ({"quantize": {"budget": {"avg_bits": 1e308}}}, "quantize.budget.avg_bits"),
+    ({"quantize": {"budget": {"bytes": 10**30}}}, "quantize.budget.bytes"),
+    ({"quantize": {"sensitivity_samples": 10**9}}, "quantize.sensitivity_samples"),
+    ({"remove": {"any": 10**12}}, "remove.any"),
+    ({"sparse_tokens": {"keep_tokens": 10**9}}, "sparse_tokens.keep_tokens"),
+    ({"share": {"residual_rank": 10**9}}, "share.residual_rank"),
+    ({"evaluate": {"speed": {"new_tokens": 10**9}}}, "evaluate.speed.new_tokens"),
+    ({"evaluate": {"needles": {"lengths": [0]}}}, "evaluate.needles.lengths.0"),
+])
+def test_absurd_sizes_are_refused(data, field):
+    message = error_of(data)
+    assert f"{field}: input should be" in message
+
+
+def test_too_many_calibration_tokens_are_refused():
+    message = error_of({"calibration": {"samples": 65536, "seq_len": 131072}})
+    assert message.startswith("recipe: calibration: samples x seq_len is 8589934592 tokens; allowed: at most")
+
+
+def test_paths_may_not_hold_control_characters():
+    assert "calibration.text: must not contain control characters" in error_of({"calibration": {"text": "a\nb"}})
+
+
+def test_a_huge_bad_value_is_quoted_short():
+    message = error_of({"calibration": {"text": ["x" * 1000] * 100_000}, "export": "y" * 1_000_000})
+    assert len(message) < 400 and "calibration.text" in message and "..." in message
+
+
+def test_many_errors_fit_one_short_line():
+    message = error_of({f"unknown{i}": i for i in range(200)})
+    assert len(message) < 400 and message.endswith("more")
+
+
+def test_a_huge_unknown_key_is_quoted_short():
+    message = error_of({"k" * 100_000: 1})
+    assert message.startswith("recipe: unknown key ''kkkk") and len(message) < 300
+
+
+def write(tmp_path, content: bytes) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_bytes(content)
+    return path
+
+
+def load_error(path) -> str:
+    with pytest.raises(CompressorError) as info:
+        load_recipe(path)
+    return str(info.value)
+
+
+def test_a_recipe_that_is_not_utf8(tmp_path):
+    path = write(tmp_path, "name: caf\xe9\n".encode("latin-1"))
+    assert load_error(path) == f"{path}: not UTF-8 text (byte 0xe9 at offset 9); a recipe must be UTF-8"
+
+
+def test_a_byte_order_mark_is_fine(tmp_path):
+    assert load_recipe(write(tmp_path, b"\xef\xbb\xbfname: bom\n")).name == "bom"
+
+
+def test_deep_nesting_is_refused_not_a_recursion_error(tmp_path):
+    path = write(tmp_path, b"description: " + b"[" * 50_000 + b"]" * 50_000 + b"\n")
+    assert load_error(path).startswith(f"{path}: YAML refused at line 1, column 45: nested more than 32 levels deep")
+
+
+def test_an_alias_bomb_in_a_typed_field_is_refused_at_once(tmp_path):
+    bomb = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    bomb += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    path = write(tmp_path, ("\n".join(bomb) + "\ncalibration: {samples: *a8}\n").encode())
+    started = time.perf_counter()
+    message = load_error(path)
+    assert time.perf_counter() - started < 2
+    assert "YAML refused" in message and "more than 50000 values once its aliases are expanded" in message
+
+
+def test_a_recursive_alias_is_refused(tmp_path):
+    assert "refers to a node that contains it" in load_error(write(tmp_path, b"calibration: &c {samples: *c}\n"))
+
+
+def test_a_file_over_the_size_limit_is_refused_before_reading(tmp_path):
+    from compressor.safe_load import RECIPE_MAX_BYTES
+
+    path = write(tmp_path, b"name: big\n# " + b"y" * RECIPE_MAX_BYTES + b"\n")
+    assert load_error(path) == f"{path}: {RECIPE_MAX_BYTES + 13} bytes, more than the {RECIPE_MAX_BYTES} bytes a recipe may have"
+
+
+def test_a_repeated_key_is_refused(tmp_path):
+    path = write(tmp_path, b"name: a\nremove: {attention: 1}\nname: b\n")
+    assert load_error(path) == f"{path}: malformed YAML at line 3, column 1: found the key 'name' twice"
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"name: 2001-13-45\n", "cannot read the value '2001-13-45': month must be in 1..12"),
+    (b"calibration: {samples: " + b"9" * 5000 + b"}\n", "cannot read the value '9999"),
+    (b"name: !!python/object/apply:os.system ['true']\n", "could not determine a constructor"),
+    (b"name: a\n---\nname: b\n", "expected a single document in the stream but found another document"),
+    (b"name: a\x00b\n", "unacceptable character #x0000"),
+])
+def test_values_yaml_cannot_build_are_errors_at_their_place(tmp_path, content, expected):
+    message = load_error(write(tmp_path, content))
+    assert "malformed YAML" in message and expected in message and "\n" not in message
+
+
+def test_merge_keys_and_aliases_still_work(tmp_path):
+    recipe = load_recipe(write(tmp_path, b"calibration: {<<: {samples: &n 3, seq_len: 16}, seed: 4}\n"
+                                         b"evaluate: {windows: *n}\n"))
+    assert (recipe.calibration.samples, recipe.calibration.seq_len, recipe.calibration.seed) == (3, 16, 4)
+    assert recipe.evaluate.windows == 3
