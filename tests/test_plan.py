@@ -327,3 +327,145 @@ def test_validate_plan_rejects_malformed_plans(bad, expected):
 def test_validate_plan_accepts_a_made_plan():
     plan = make_plan(recipe(mlp=1), make_analysis())
     assert validate_plan(plan) is plan
+
+
+# ---- hostile plans and analyses -----------------------------------------------------------------
+
+def plan_error(plan, where="p.json") -> str:
+    with pytest.raises(CompressorError) as info:
+        validate_plan(plan, where)
+    return str(info.value)
+
+
+def a_plan():
+    return make_plan(recipe(attention=1), make_analysis())
+
+
+QUANTIZATION = {"method": "rtn", "damp": 0.1, "act_order": True, "hessian_tokens": "equal",
+                "linears": {"model.layers.1.mlp.up_proj": {"bits": 4, "group_size": 64, "symmetric": True}},
+                "embedding": {"bits": "keep", "bytes": 0}, "exact_weights": [], "predicted_tensor_bytes": 100}
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda p: p.update(model="tiny"), "p.json: model is 'tiny'; allowed: an object describing the source model, or null"),
+    (lambda p: p["layers"][1].update(layer=True), 'p.json: layers[1] must be an object with "layer": 1'),
+    (lambda p: p.update(sparse_tokens="on"), "p.json: sparse_tokens is 'on'; allowed: an object"),
+    (lambda p: p.update(sharing=[1]), "p.json: sharing is [1]; allowed: an object"),
+    (lambda p: p.update(sharing={"groups": [{"projection": "q_proj", "layers": [1], "rank": 8, "residual_rank": 0,
+                                             "basis": "q_proj_g0"}], "fit": "magic"}),
+     "p.json: sharing.fit is 'magic'; allowed: \"activation\", \"weight\""),
+    (lambda p: p.update(sharing={"groups": [{"projection": "q_proj", "layers": [1], "rank": 8, "residual_rank": 0,
+                                             "basis": "../x"}], "fit": "weight"}),
+     "p.json: sharing.groups[0].basis is '../x'; allowed: a basis name q_proj_gN"),
+    (lambda p: p.update(sharing={"groups": [{"projection": "q_proj", "layers": [1], "rank": 8, "residual_rank": 0,
+                                             "basis": "q_proj_g0"}], "fit": "activation"}),
+     "p.json: sharing.calibration is None; allowed: an object with text, samples, seq_len and seed"),
+    (lambda p: p.update(quantization=dict(QUANTIZATION, linears={"model.layers.1.mlp.up_proj": {
+        "bits": 4.0, "group_size": 64, "symmetric": True}})),
+     "p.json: quantization.linears['model.layers.1.mlp.up_proj'].bits is 4.0; allowed: 2, 3, 4, 8"),
+    (lambda p: p.update(quantization=dict(QUANTIZATION, damp=float("nan"))),
+     "p.json: quantization.damp is nan; allowed: a finite number > 0 and <= 100"),
+    (lambda p: p.update(quantization=dict(QUANTIZATION, method="gptq")),
+     "p.json: quantization.calibration is None"),
+    (lambda p: p.update(quantization=dict(QUANTIZATION, method="gptq", calibration={
+        "text": "embedded", "samples": "2", "seq_len": 32, "seed": 0})),
+     "p.json: quantization.calibration.samples: input should be a valid integer (got '2')"),
+    (lambda p: p.update(quantization=dict(QUANTIZATION, exact_weights=[{"module": "model.x", "row": 0, "column": 0}])),
+     "p.json: quantization.exact_weights[0].module is 'model.x'; allowed: one of the modules in quantization.linears"),
+    (lambda p: p.update(quantization=dict(QUANTIZATION, exact_weights=[
+        {"module": "model.layers.1.mlp.up_proj", "row": -1, "column": 0}])),
+     "p.json: quantization.exact_weights[0].row is -1"),
+])
+def test_validate_plan_checks_what_apply_reads(edit, expected):
+    plan = a_plan()
+    edit(plan)
+    assert plan_error(plan).startswith(expected)
+
+
+def test_a_quantization_section_that_is_complete_passes():
+    plan = dict(a_plan(), quantization=QUANTIZATION)
+    assert validate_plan(plan) is plan
+
+
+def write_bytes(tmp_path, content: bytes):
+    path = tmp_path / "plan.json"
+    path.write_bytes(content)
+    return path
+
+
+def load_error(path) -> str:
+    with pytest.raises(CompressorError) as info:
+        load_plan(path)
+    return str(info.value)
+
+
+def test_load_plan_remembers_the_file_for_later_checks(tmp_path):
+    path = tmp_path / "plan.json"
+    save_plan(a_plan(), path)
+    assert load_plan(path).where == str(path)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "not valid JSON (line 1: Expecting value)"),
+    (b"[" * 100_000 + b"]" * 100_000, "JSON nested more than 64 levels deep"),
+    (b'{"a": ' * 70 + b"1" + b"}" * 70, "JSON nested more than 64 levels deep"),
+    (b'{"format": "compressor-plan/1", "format": "x"}', "an object repeats the key 'format'; each key may appear once"),
+    (b'{"format": "\xe9"}', "not UTF-8 text (byte 0xe9 at offset 12); a plan must be UTF-8"),
+    (b'{"x": ' + b"9" * 5000 + b"}", "not valid JSON (Exceeds the limit (4300 digits)"),
+])
+def test_load_plan_refuses_files_that_are_not_plans(tmp_path, content, expected):
+    path = write_bytes(tmp_path, content)
+    assert load_error(path).startswith(f"{path}: {expected}")
+
+
+def test_load_plan_refuses_a_huge_file_before_reading(tmp_path):
+    from compressor.safe_load import PLAN_MAX_BYTES
+
+    path = write_bytes(tmp_path, b" " * (PLAN_MAX_BYTES + 1))
+    assert load_error(path) == f"{path}: {PLAN_MAX_BYTES + 1} bytes, more than the {PLAN_MAX_BYTES} bytes a plan may have"
+
+
+def analysis_error(rec, analysis) -> str:
+    with pytest.raises(CompressorError) as info:
+        make_plan(rec, analysis)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda a: a.update(format=PLAN_FORMAT), "analysis: format is 'compressor-plan/1'; allowed: 'compressor-analysis/1'"),
+    (lambda a: a.update(layers={}), "analysis: not an analysis (expected 'layers'"),
+    (lambda a: a.update(model=[1]), "analysis: model is [1]; allowed: an object"),
+    (lambda a: a["layers"][3].update(layer=4), 'analysis: layers[3] must be an object with "layer": 3'),
+    (lambda a: a["layers"][3].update(mlp="x"), "analysis: layers[3].mlp is 'x'; allowed: an object"),
+    (lambda a: a["layers"][3]["mlp"].update(redundancy="high"),
+     "analysis: layers[3].mlp.redundancy is 'high'; allowed: a finite number"),
+    (lambda a: a["layers"][3]["mlp"].update(redundancy=float("nan")), "analysis: layers[3].mlp.redundancy is nan"),
+])
+def test_a_malformed_analysis_is_one_clean_error(edit, expected):
+    analysis = make_analysis()
+    edit(analysis)
+    assert analysis_error(recipe(attention=1), analysis).startswith(expected)
+
+
+def test_an_analysis_that_is_not_an_object():
+    assert analysis_error(recipe(attention=1), [1]) == \
+        "analysis: not an analysis (expected a JSON object written by `compress analyze`, got list)"
+
+
+@pytest.mark.parametrize("step, expected", [
+    ({"layer": 99, "unit": "mlp", "score": 0.1}, "removal_searches[0].order[0].layer is 99; allowed: an integer 0..7"),
+    ({"layer": 2, "unit": "ffn", "score": 0.1}, "removal_searches[0].order[0].unit is 'ffn'"),
+    ({"layer": 2, "unit": "mlp", "score": "x"}, "removal_searches[0].order[0].score is 'x'"),
+    ({"layer": 0, "unit": "mlp", "score": 0.1}, "removes layer 0's mlp although it is protected"),
+])
+def test_a_recorded_search_with_bad_steps_is_refused(step, expected):
+    rec = recipe(method="finercut", any=1)
+    analysis = with_search(make_analysis(), rec, [])
+    analysis["removal_searches"][0]["order"] = [step]
+    assert expected in analysis_error(rec, analysis)
+
+
+def test_a_filter_probe_without_layers_is_refused():
+    rec = parse_recipe({"name": "t", "sparse_tokens": {"filter_layer": "auto", "keep_tokens": 64}})
+    analysis = dict(make_analysis(), filter_probe={"cases": 4, "layers": []})
+    assert analysis_error(rec, analysis).startswith("analysis: filter_probe.layers is []; allowed: a non-empty list")
