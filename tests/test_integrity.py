@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import compressor
 from compressor import cli
 from compressor.errors import CompressorError
-from compressor.manifest import MANIFEST_FILE, artifact_files, verify_manifest, write_manifest
+from compressor.manifest import MANIFEST_FILE, artifact_files, verify_manifest
 from exporters.safetensors import MODEL_FILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

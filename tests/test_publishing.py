@@ -159,28 +159,24 @@ def test_too_little_free_space_is_refused_before_the_analysis(tmp_path, llama, c
     assert_nothing_written(out)
 
 
-def _mount_tmpfs(path: Path, options: str) -> bool:
+def _tmpfs(path: Path, options: str):
     path.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
-    return done.returncode == 0
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here: needs root and mount rights")
+    return path
 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "size=256k"):
-        pytest.skip("cannot mount a small tmpfs here (needs root and mount rights)")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=False)
+    yield _tmpfs(tmp_path / "disk", "size=256k")
+    subprocess.run(["umount", str(tmp_path / "disk")], check=False)
 
 
 @pytest.fixture
 def read_only_disk(tmp_path):
-    disk = tmp_path / "ro"
-    if not _mount_tmpfs(disk, "size=1m,ro"):
-        pytest.skip("cannot mount a read-only tmpfs here (needs root and mount rights)")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=False)
+    yield _tmpfs(tmp_path / "ro", "size=1m,ro")
+    subprocess.run(["umount", str(tmp_path / "ro")], check=False)
 
 
 def test_a_disk_that_fills_up_while_writing_is_one_error_and_leaves_nothing(small_disk, tmp_path, llama, capsys,

@@ -157,7 +157,9 @@ def _load_folder(path: Path, info: dict) -> LoadedModel:
         # Before transformers allocates the model (and fills what is missing with random values).
         raise CompressorError(f"{where} describes a model of at least {implied:,} parameters, but the weights "
                               f"hold {stored:,}; config.json and the weights disagree")
-    tokenizer = _read_source_tokenizer(path)
+    from exporters.safetensors import read_tokenizer
+
+    tokenizer = read_tokenizer(path)
     try:
         # Mis-shaped weights are reported in loading_info (and refused below, by name).
         hf_model, loading_info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
@@ -167,16 +169,6 @@ def _load_folder(path: Path, info: dict) -> LoadedModel:
         raise CompressorError(f"{path}: could not load the model folder ({one_line(exc, 200)})") from None
     check_source_weights(hf_model, loading_info, str(path))
     return _from_transformers(hf_model.eval(), tokenizer, info)
-
-
-def _read_source_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # tokenizers and transformers raise many types for damaged files
-        raise CompressorError(f"{path}: the tokenizer files cannot be read ({type(exc).__name__}: "
-                              f"{one_line(exc, 160)})") from None
 
 
 def _load_gguf(path: Path, quiet: bool, info: dict) -> LoadedModel:
