@@ -202,25 +202,32 @@ def _load_hub(model_id: str) -> LoadedModel:
 
 
 def _load_embedded(quiet: bool) -> LoadedModel:
-    """The embedded model from its cached float conversion, converting the GGUF on first use."""
-    from transformers import AutoTokenizer
-
-    from compressor.modeling import CompressedForCausalLM
+    """The embedded model from its cached float conversion, converting the GGUF on first use. The
+    cache carries a manifest like an artifact; a damaged cache is converted again, not used."""
+    from compressor.manifest import verify_manifest, write_manifest
+    from exporters.safetensors import read_model
 
     gguf = embedded_gguf_path()
     cached = cache_dir() / f"{EMBEDDED_NAME}-{gguf.stat().st_size}"
     info = {"source": EMBEDDED, "kind": "embedded", "name": EMBEDDED_NAME, "architecture": "LlamaForCausalLM"}
-    if not (cached / "model.safetensors").is_file():
-        loaded = _load_gguf(gguf, quiet, info)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cached.parent))
-        loaded.model.save_pretrained(staging)
-        loaded.tokenizer.save_pretrained(staging)
+    if (cached / "model.safetensors").is_file():
         try:
-            os.replace(staging, cached)
-        except OSError:  # another process finished first
-            shutil.rmtree(staging, ignore_errors=True)
-        return loaded
-    model = CompressedForCausalLM.from_pretrained(cached, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(cached)
-    return LoadedModel(model, tokenizer, info)
+            verify_manifest(cached)
+            model, tokenizer = read_model(cached)
+            return LoadedModel(model, tokenizer, info)
+        except CompressorError:
+            stale = cached.with_name(f".{cached.name}.damaged-{os.getpid()}")
+            with contextlib.suppress(OSError):
+                os.replace(cached, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    loaded = _load_gguf(gguf, quiet, info)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cached.parent))
+    loaded.model.save_pretrained(staging)
+    loaded.tokenizer.save_pretrained(staging)
+    write_manifest(staging)
+    try:
+        os.replace(staging, cached)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return loaded
