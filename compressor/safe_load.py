@@ -6,10 +6,10 @@ before it can take minutes, exhaust the stack or the memory:
 
 - the file's size is checked before it is read (and no more than the limit is ever read);
 - the bytes must be UTF-8;
-- YAML: nesting deeper than `YAML_MAX_DEPTH` levels is refused while the document is composed,
-  and a document whose node graph, with every alias expanded, holds more than `YAML_MAX_NODES`
-  nodes (a "billion laughs" alias bomb) or refers to itself is refused before any Python object
-  is built; a mapping may not repeat a key; a value Python cannot represent (a timestamp like
+- YAML: nesting deeper than `YAML_MAX_DEPTH` levels or more than `YAML_MAX_NODES` nodes are
+  refused while the document is composed, and a document whose node graph, with every alias
+  expanded, holds more than `YAML_MAX_NODES` nodes (a "billion laughs" alias bomb) or refers to
+  itself is refused before any Python object is built; a mapping may not repeat a key; a value Python cannot represent (a timestamp like
   2001-13-45, an integer of thousands of digits) is an error at its line;
 - JSON: nesting deeper than `JSON_MAX_DEPTH` levels and repeated keys are refused.
 """
@@ -65,18 +65,24 @@ class _Refused(yaml.MarkedYAMLError):
 
 
 class BoundedSafeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses nesting deeper than `max_depth` while composing, repeated keys,
-    and values Python cannot represent (as errors with their line)."""
+    """yaml.SafeLoader that refuses nesting deeper than `max_depth` and more than `max_nodes` nodes
+    while composing, repeated keys, and values Python cannot represent (as errors with their line)."""
 
     max_depth = YAML_MAX_DEPTH
+    max_nodes = YAML_MAX_NODES
 
     def __init__(self, stream):
         super().__init__(stream)
-        self._depth = 0
+        self._depth = self._nodes = 0
 
     def compose_node(self, parent, index):
-        if self._depth >= self.max_depth and not self.check_event(yaml.AliasEvent):
-            raise _Refused(None, None, f"nested more than {self.max_depth} levels deep", self.peek_event().start_mark)
+        if not self.check_event(yaml.AliasEvent):
+            if self._depth >= self.max_depth:
+                raise _Refused(None, None, f"nested more than {self.max_depth} levels deep",
+                               self.peek_event().start_mark)
+            self._nodes += 1  # stop composing a document that is too large already, aliases aside
+            if self._nodes > self.max_nodes:
+                raise _Refused(None, None, f"more than {self.max_nodes} values", self.peek_event().start_mark)
         self._depth += 1
         try:
             return super().compose_node(parent, index)
@@ -173,7 +179,7 @@ def load_yaml(text: str, where: str, max_nodes: int = YAML_MAX_NODES, max_depth:
     loader = None
     try:
         loader = BoundedSafeLoader(text)  # the reader refuses control characters here already
-        loader.max_depth = max_depth
+        loader.max_depth, loader.max_nodes = max_depth, max_nodes
         node = loader.get_single_node()
         if node is None:
             return None
