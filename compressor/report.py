@@ -78,9 +78,21 @@ def sharing_summary(plan: dict | None) -> dict | None:
 
 def artifact_report(name: str, metrics: dict, original: dict | None, plan: dict | None) -> dict:
     removal = (plan or {}).get("removal") or {}
-    return {"name": name, "compressed": metrics, "original": original, "removed_units": removal.get("removed", []),
-            "sharing": sharing_summary(plan), "quantization": quantization_summary(plan),
-            "sparse_tokens": sparse_tokens_summary(plan)}
+    report = {"name": name, "compressed": metrics, "original": original,
+              "removed_units": removal.get("removed", []) if isinstance(removal, dict) else []}
+    skipped = []
+    for section, summary in (("sharing", sharing_summary), ("quantization", quantization_summary),
+                             ("sparse_tokens", sparse_tokens_summary)):
+        try:
+            report[section] = summary(plan)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            # A plan edited by hand may lack fields that only the summary reads (apply never needs
+            # them): the report says so instead of failing the evaluation.
+            report[section] = None
+            skipped.append(f"{section}: plan.json lacks what the summary reads ({type(exc).__name__}: {exc})")
+    if skipped:
+        report["summaries_skipped"] = skipped
+    return report
 
 
 def needle_table(needles: dict) -> str:
@@ -105,6 +117,8 @@ def report_markdown(report: dict) -> str:
              evaluation_note(report["compressed"]), ""]
     if removed:
         lines.append("Removed units: " + ", ".join(f"layer {u['layer']} {u['unit']}" for u in removed))
+    for note in report.get("summaries_skipped") or []:
+        lines.append(f"Summary left out, {note}")
     sharing = report.get("sharing")
     if sharing:
         lines += ["", f"Weight sharing ({sharing['fit']} fit, {sharing['grouping']} groups, ranks by "

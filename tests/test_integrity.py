@@ -411,3 +411,17 @@ def test_gguf_cut_short(tmp_path, capsys):
         path = tmp_path / name
         path.write_bytes(head[:size])
         assert "could not read the GGUF file" in _analyze(path, tmp_path, capsys)
+
+
+def test_eval_of_a_hand_edited_plan_reports_without_the_summary_it_cannot_make(artifact, tmp_path, capsys):
+    folder = copy(artifact, tmp_path / "edited-plan")
+    plan = json.loads((folder / "plan.json").read_text())
+    del plan["quantization"]["units"]  # informational: apply never reads it
+    (folder / "plan.json").write_text(json.dumps(plan))
+    assert cli.main(["verify", str(folder), "--update", "--quiet"]) == 0
+    assert cli.main(["eval", str(folder), "--no-original", "--quiet"]) == 0
+    report = json.loads((folder / "report.json").read_text())
+    assert report["quantization"] is None
+    assert report["summaries_skipped"][0].startswith("quantization: plan.json lacks what the summary reads")
+    assert "Summary left out, quantization" in capsys.readouterr().out
+    verify_manifest(folder)
