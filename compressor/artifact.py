@@ -15,12 +15,14 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
 from compressor.errors import CompressorError, one_line
-from compressor.manifest import MANIFEST_FILE, write_manifest
+from compressor.manifest import MANIFEST_FILE, MANIFEST_FORMAT, write_manifest
 
 # Errors of the file system that are the user's situation, not a defect: reported as one line.
 DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
@@ -31,7 +33,16 @@ SPACE_MARGIN = 64 << 20
 
 
 def _artifact_like(folder: Path) -> bool:
-    return (folder / MANIFEST_FILE).is_file() or (folder / "config.json").is_file() or (folder / "analysis.json").is_file()
+    """A folder this toolkit wrote: its manifest, an artifact config.json or an analysis.json of ours
+    (a plain transformers model folder, say the run's own source, is not one)."""
+    def has(name: str, key: str, value: str) -> bool:
+        try:
+            return json.loads((folder / name).read_text(encoding="utf-8")).get(key) == value
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    return (has(MANIFEST_FILE, "format", MANIFEST_FORMAT) or has("config.json", "model_type", "compressor_decoder")
+            or has("analysis.json", "format", "compressor-analysis/1"))
 
 
 def check_destination(dest: str | Path, force: bool) -> Path:
@@ -51,7 +62,7 @@ def check_destination(dest: str | Path, force: bool) -> Path:
             raise CompressorError(f"output folder exists: {dest} (pass --force to replace it)")
         if any(dest.iterdir()) and not _artifact_like(dest):
             raise CompressorError(f"output folder {dest} holds files that are not an artifact of this toolkit; "
-                                  "--force replaces only artifact folders (with manifest.json or config.json)")
+                                  "--force replaces only folders this toolkit wrote (an artifact or an analysis)")
     return dest
 
 
@@ -116,10 +127,49 @@ class _Lock:
 
 
 def _remove_stale_staging(dest: Path) -> None:
-    """Staging folders of runs that were killed (their lock is gone, ours is held)."""
-    for prefix in (f".{dest.name}.partial-", f".{dest.name}.old-"):
-        for stale in dest.parent.glob(f"{prefix}*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    """What runs on `dest` that were killed left (their lock is gone, ours is held): staging folders
+    are removed; a replaced artifact set aside (`.NAME.old-PID`) is put back if `dest` is missing,
+    since the run died between the two renames of its swap."""
+    staging = re.compile(re.escape(f".{dest.name}.partial-") + r"[a-z0-9_]{8}")
+    old = re.compile(re.escape(f".{dest.name}.old-") + r"\d+")
+    for entry in dest.parent.iterdir():
+        if staging.fullmatch(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+        elif old.fullmatch(entry.name):
+            if not dest.exists():
+                os.replace(entry, dest)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def signals_blocked():
+    """SIGINT, SIGTERM and SIGHUP wait until the block ends (for renames that must happen together)."""
+    wanted = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def swap_into_place(staging: Path, dest: Path) -> None:
+    """Renames `staging` to `dest`, replacing a `dest` folder; never leaves `dest` missing while an
+    old one exists: signals wait, and a failed second rename puts the old folder back."""
+    with signals_blocked():
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            try:
+                os.replace(staging, dest)
+            except BaseException:
+                os.replace(old, dest)
+                raise
+        else:
+            old = None
+            os.replace(staging, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def publish_permissions(folder: Path) -> None:
@@ -165,8 +215,8 @@ def staged_folder(dest: str | Path, force: bool = False):
         lock = _Lock(dest)
         lock.acquire()
     try:
+        _remove_stale_staging(dest)  # first: it may put back an artifact a killed run had set aside
         dest = check_destination(dest, force)  # again, now that no other run can change it
-        _remove_stale_staging(dest)
         with _reporting_disk_errors(dest.parent):
             staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
         try:
@@ -174,16 +224,10 @@ def staged_folder(dest: str | Path, force: bool = False):
                 yield staging
                 publish_permissions(staging)
                 write_manifest(staging)
-                if dest.exists():
-                    if not force:
-                        raise CompressorError(f"output folder {dest} appeared while this run was working; its result "
-                                              "was not published (pass --force to replace it)")
-                    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-                    os.replace(dest, old)
-                    os.replace(staging, dest)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(staging, dest)
+                if dest.exists() and not force:
+                    raise CompressorError(f"output folder {dest} appeared while this run was working; its result "
+                                          "was not published (pass --force to replace it)")
+                swap_into_place(staging, dest)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -194,7 +238,8 @@ def staged_folder(dest: str | Path, force: bool = False):
 @contextlib.contextmanager
 def updating_in_place(folder: str | Path):
     """For steps that add to a published artifact (an evaluation's report, an export): holds the
-    folder's lock while they write, then writes its manifest again."""
+    folder's lock while they read and write (so no other run can publish there meanwhile), then
+    writes its manifest again. Hold it around the whole step, reading included."""
     folder = Path(os.path.abspath(folder))
     lock = _Lock(folder)
     with _reporting_disk_errors(folder):
@@ -202,8 +247,9 @@ def updating_in_place(folder: str | Path):
     try:
         with _reporting_disk_errors(folder, _WRITE_ERRORS):
             yield folder
-            publish_permissions(folder)
-            write_manifest(folder)
+            with signals_blocked():
+                publish_permissions(folder)
+                write_manifest(folder)
     finally:
         lock.release()
 
@@ -217,22 +263,13 @@ JSON_LIMIT = 256 << 20
 
 
 def read_json(path: Path, what: str, kind: type | None = dict):
-    """A JSON file as data, with one clear error for a missing, oversized, non-UTF-8, malformed or
-    too deeply nested file, or (with `kind`) one whose top level is of another type."""
+    """A JSON file as data, with one clear error for a missing, oversized, non-UTF-8, malformed,
+    too deeply nested file or one with repeated keys (compressor.safe_load), or (with `kind`) one
+    whose top level is of another type."""
+    from compressor.safe_load import read_json as read_checked_json
+
     path = Path(path)
-    if not path.is_file():
-        raise CompressorError(f"{what} not found: {path}")
-    if path.stat().st_size > JSON_LIMIT:
-        raise CompressorError(f"{path}: {path.stat().st_size} bytes, larger than the {JSON_LIMIT >> 20} MB allowed "
-                              f"for {what}")
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise CompressorError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise CompressorError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    except RecursionError:
-        raise CompressorError(f"{path}: JSON nested too deeply") from None
+    data = read_checked_json(path, what, limit=JSON_LIMIT)
     if kind is not None and not isinstance(data, kind):
         raise CompressorError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__} at the top "
                               f"level for {what}, got {type(data).__name__}")

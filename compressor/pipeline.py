@@ -26,7 +26,7 @@ from compressor.manifest import verify_manifest
 from compressor.models.sources import LoadedModel, load_model
 from compressor.plan import (filter_probe_pending, make_plan, removable_candidates, removal_quotas, required_units,
                              search_key)
-from compressor.recipe import Recipe, load_recipe, recipe_yaml
+from compressor.recipe import Recipe, check_name, load_recipe, recipe_yaml
 from compressor.report import artifact_report, report_markdown
 from compressor.transforms.prune import remove_units
 
@@ -221,7 +221,13 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     quiet_transformers()
+    if out is None:
+        try:
+            check_name(recipe.name)  # it becomes a path: out/NAME
+        except ValueError as exc:
+            raise CompressorError(f"recipe name: {exc}") from None
     out = check_destination(out or Path("out") / recipe.name, force)
+    check_source_apart(model or recipe.model, out)
     if "onnx" in recipe.export:
         from exporters.onnx import require
 
@@ -279,10 +285,21 @@ def smallest_artifact_bytes(model, recipe: Recipe) -> int:
     return int(parameters * bits / 8 * 0.5)
 
 
+def check_source_apart(source: str | None, out: Path) -> None:
+    """The artifact may not be written over, inside or around the model folder it is made from."""
+    if not source or not Path(source).exists():
+        return
+    source_path = Path(os.path.abspath(source))
+    if source_path == out or source_path.is_relative_to(out) or out.is_relative_to(source_path):
+        raise CompressorError(f"--out {out} overlaps the model source {source_path}; write the artifact "
+                              "to a folder of its own")
+
+
 def planned_artifact_bytes(model, plan: dict, export: list[str]) -> int:
-    """What the plan's artifact will take on disk (tensors; an ONNX export stores them again)."""
-    spec = plan.get("quantization")
-    if spec:
+    """What the plan's artifact will take on disk (tensors; an ONNX export stores them again). Known
+    from the plan when it quantizes or shares, else from the model after removal."""
+    spec = plan.get("quantization") or plan.get("sharing")
+    if spec and isinstance(spec.get("predicted_tensor_bytes"), int):
         tensors = int(spec["predicted_tensor_bytes"])
     else:
         seen, tensors = set(), 0
@@ -317,17 +334,17 @@ def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, 
     from exporters.safetensors import write_model
 
     quiet_transformers()
+    check_source_apart(source, check_destination(out, force))
     with staged_folder(out, force) as staging:
         loaded = load_model(source, quiet=True)
         check_plan_for_model(plan, loaded.model)  # names, shapes and ranks against this model, before any work
-        compressed = apply_sharing(remove_units(loaded.model, plan), loaded.tokenizer, plan, quiet=quiet)
-        require_free_space(staging, planned_artifact_bytes(compressed, plan, []), "this plan's artifact")
+        removed = remove_units(loaded.model, plan)
+        require_free_space(staging, planned_artifact_bytes(removed, plan, []), "this plan's artifact")
+        compressed = apply_sharing(removed, loaded.tokenizer, plan, quiet=quiet)
         quantized = apply_quantization(compressed, loaded.tokenizer, plan, quiet) if plan.get("quantization") else None
         write_model(compressed, loaded.tokenizer, staging, quantized)
         write_json(staging / "plan.json", dict(plan, model=dict(plan.get("model") or {}, source=source)))
     return Path(os.path.abspath(out))
-
-
 
 
 def export_artifact(folder: Path, fmt: str, tolerance: float | None = None, log=print) -> Path:
@@ -354,33 +371,47 @@ def evaluate_artifact(folder: Path, recipe_path: str | None, with_original: bool
     from compressor.runtime import load
 
     quiet_transformers()
-    artifact = load(folder)  # checks the manifest
-    saved_recipe = folder / "recipe.yaml"
-    recipe_path = recipe_path or (saved_recipe if saved_recipe.is_file() else None)
-    recipe = load_recipe(recipe_path) if recipe_path else Recipe(name=folder.name)
-    log(f"evaluating {folder}")
-    metrics = evaluate_model(artifact.model, artifact.tokenizer, recipe.evaluate, evaluation_text(recipe),
-                             folder, quiet)
-    original = None
-    plan = read_json(folder / "plan.json", "plan") if (folder / "plan.json").is_file() else None
-    source = ((plan or {}).get("model") or {}).get("source")
-    if with_original and source:
-        log(f"evaluating original model: {source}")
-        original = original_metrics(load_model(source, quiet=True), recipe, quiet)
-    with updating_in_place(folder):
+    if not folder.is_dir():
+        raise CompressorError(f"artifact folder not found: {folder}")
+    with updating_in_place(folder):  # no other run publishes here while this one reads and writes
+        artifact = load(folder)  # checks the manifest
+        saved_recipe = folder / "recipe.yaml"
+        recipe_path = recipe_path or (saved_recipe if saved_recipe.is_file() else None)
+        recipe = load_recipe(recipe_path) if recipe_path else Recipe(name=Path(os.path.abspath(folder)).name)
+        log(f"evaluating {folder}")
+        metrics = evaluate_model(artifact.model, artifact.tokenizer, recipe.evaluate, evaluation_text(recipe),
+                                 folder, quiet)
+        original = None
+        plan = read_json(folder / "plan.json", "plan") if (folder / "plan.json").is_file() else None
+        source = ((plan or {}).get("model") or {}).get("source")
+        if with_original and source:
+            log(f"evaluating original model: {source}")
+            original = original_metrics(load_model(source, quiet=True), recipe, quiet)
         return write_report(folder, recipe.name, metrics, original, plan)
 
 
 def verify_artifact(folder: Path, update: bool = False) -> str:
     """`compress verify`: every file against the manifest, then config and weights against each
     other (and the ONNX export's files); with `update`, the structural checks and a new manifest."""
-    from exporters.safetensors import read_model
-
     if not folder.is_dir():
         raise CompressorError(f"artifact folder not found: {folder}")
-    from compressor.artifact import read_json
+    if not folder.is_dir():
+        raise CompressorError(f"artifact folder not found: {folder}")
+    if update:
+        with updating_in_place(folder):  # checks under the lock; the manifest is written on leaving
+            layers = _check_artifact_structure(folder)
+        return f"{folder}: config and weights consistent ({layers} layers); manifest.json written anew"
+    figures = verify_manifest(folder)
+    layers = _check_artifact_structure(folder)
+    return (f"{folder}: verified {figures['files']} files, {figures['bytes'] / 1e6:.1f} MB against manifest.json "
+            f"(SHA-256, {figures['seconds']:.2f} s); config and weights consistent ({layers} layers)")
 
-    figures = None if update else verify_manifest(folder)
+
+def _check_artifact_structure(folder: Path) -> int:
+    """config.json against the weights, the JSON files, the ONNX export's files; returns the layer count."""
+    from compressor.artifact import read_json
+    from exporters.safetensors import read_model
+
     model, _ = read_model(folder)
     for name in ("plan.json", "analysis.json", "report.json", "onnx/export.json"):
         if (folder / name).is_file():
@@ -396,10 +427,4 @@ def verify_artifact(folder: Path, update: bool = False) -> str:
         for graph in (DECODER_FILE, SPARSE_FILE):
             if graph == DECODER_FILE or (onnx_dir / graph).is_file():
                 check_files(onnx_dir, graph)
-    layers = model.config.num_hidden_layers
-    if update:
-        with updating_in_place(folder):  # writes the manifest on leaving
-            pass
-        return f"{folder}: config and weights consistent ({layers} layers); manifest.json written anew"
-    return (f"{folder}: verified {figures['files']} files, {figures['bytes'] / 1e6:.1f} MB against manifest.json "
-            f"(SHA-256, {figures['seconds']:.2f} s); config and weights consistent ({layers} layers)")
+    return model.config.num_hidden_layers

@@ -14,6 +14,7 @@ after each removal, or final-logit divergence), since finding it needs the model
 from __future__ import annotations
 
 import json
+import os
 import math
 import re
 from pathlib import Path
@@ -197,7 +198,15 @@ def block_configs(plan: dict) -> list[dict]:
 
 
 def save_plan(plan: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(plan, indent=2) + "\n")
+    """Writes plan.json whole or not at all (a temporary sibling renamed into place)."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        staging.write_text(json.dumps(plan, indent=2) + "\n")
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
 
 
 SPARSE_SETTINGS = ("method", "filter_layer", "keep_tokens", "keep_first", "keep_last", "pool_width")

@@ -133,8 +133,13 @@ def expected_tensors(config) -> tuple[dict[str, tuple[tuple[int, ...], str]], di
     from compressor.modeling import CompressedForCausalLM
     from exporters.quantized_layout import formats_from_config, packed_shapes
 
-    with torch.device("meta"):
-        model = CompressedForCausalLM(config)
+    try:
+        with torch.device("meta"):
+            model = CompressedForCausalLM(config)
+    except (AttributeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        # e.g. exact_weights naming a module the model does not have
+        raise CompressorError(f"config.json describes a model this toolkit cannot build ({type(exc).__name__}: "
+                              f"{one_line(exc, 160)})") from None
     expected = {}
     for name, tensor in model.state_dict().items():
         kind = "float" if tensor.is_floating_point() else "I64"

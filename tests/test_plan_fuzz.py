@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+import compressor
+
 from compressor import cli
 from compressor.data import embedded_text
 from test_recipe_fuzz import CASE_SECONDS, FUZZ_RECIPE, LINE_LIMIT, NASTY, Tally, all_paths, at, time_limit
@@ -75,8 +77,10 @@ def apply_case(tally: Tally, capsys, base: Base, label: str, content: bytes) -> 
     code, line = tally.run(capsys, f"#{number} {label}", ["apply", "--plan", path, "--model", base.model, "--out", out,
                                                           "--quiet"])
     if code == 0:
-        if not (out / "config.json").is_file():
-            tally.failures.append(f"#{number} {label}: exit 0 but no artifact at {out}")
+        try:  # what was published loads: manifest, config and weights consistent
+            compressor.load(out)
+        except Exception as exc:
+            tally.failures.append(f"#{number} {label}: exit 0 but the artifact does not load ({exc})")
         shutil.rmtree(out, ignore_errors=True)
     elif out.exists() or leftovers(out):
         tally.failures.append(f"#{number} {label}: after an error, left {out.exists() and out.name} {leftovers(out)}")

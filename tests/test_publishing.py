@@ -5,6 +5,7 @@ one error line with nothing of anyone else's touched."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 from compressor import artifact as artifact_module
 from compressor import cli, pipeline
+from compressor.errors import CompressorError
 from compressor.manifest import verify_manifest
 
 from test_cli_errors import assert_nothing_written, write_recipe
@@ -116,11 +118,11 @@ def test_a_signal_during_the_run_leaves_nothing_behind(tmp_path, llama, signum):
 
 
 def test_staging_left_by_a_killed_run_is_removed_by_the_next_claim(tmp_path, llama, capsys):
-    (tmp_path / ".art.partial-dead").mkdir()
-    (tmp_path / ".art.partial-dead" / "model.safetensors").write_bytes(b"0" * 1000)
+    (tmp_path / ".art.partial-dead1234").mkdir()
+    (tmp_path / ".art.partial-dead1234" / "model.safetensors").write_bytes(b"0" * 1000)
     code, err = run(capsys, "--recipe", write_recipe(tmp_path), "--model", llama, "--out", tmp_path / "art", "--quiet")
     assert code == 0, err
-    assert not (tmp_path / ".art.partial-dead").exists()
+    assert not (tmp_path / ".art.partial-dead1234").exists()
 
 
 def test_force_replaces_only_an_artifact_folder(tmp_path, llama, capsys):
@@ -140,10 +142,12 @@ def test_out_may_not_be_the_working_folder_or_above_it(tmp_path, llama, capsys, 
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
     (work / "keep.txt").write_text("x")
+    # Looks like an artifact, so only the guard on the working folder (and above) can refuse it.
+    (work / "manifest.json").write_text('{"format": "compressor-manifest/1", "files": {}}')
     code, err = run(capsys, "--recipe", write_recipe(tmp_path), "--model", llama, "--out",
                     os.path.expanduser(out), "--force", "--quiet")
     assert code == 2
-    assert "choose a folder of its own" in error_line(err) or "not an artifact" in error_line(err)
+    assert "choose a folder of its own" in error_line(err)
     assert (work / "keep.txt").read_text() == "x"
 
 
@@ -210,7 +214,59 @@ def test_an_internal_error_is_one_line_and_the_traceback_is_on_request(tmp_path,
         cli.main(["--recipe", str(write_recipe(tmp_path)), "--model", str(llama), "--quiet"])
 
 
-def test_analyze_and_apply_claim_their_destination_too(tmp_path, llama, capsys):
+def test_force_never_replaces_the_model_source_or_a_plain_model_folder(tmp_path, llama, capsys):
+    source = Path(shutil.copytree(llama, tmp_path / "model"))
+    before = sorted(p.name for p in source.iterdir())
+    for out in (source, source / "inside"):
+        code, err = run(capsys, "--recipe", write_recipe(tmp_path), "--model", source, "--out", out, "--force",
+                        "--quiet")
+        assert code == 2
+        assert "overlaps the model source" in error_line(err) or "not an artifact" in error_line(err)
+    other = Path(shutil.copytree(llama, tmp_path / "other-model"))
+    code, err = run(capsys, "--recipe", write_recipe(tmp_path), "--model", llama, "--out", other, "--force", "--quiet")
+    assert code == 2 and "not an artifact of this toolkit" in error_line(err)
+    assert sorted(p.name for p in source.iterdir()) == before
+    assert (other / "config.json").is_file()
+
+
+def test_an_interrupt_between_the_two_renames_of_a_replace_keeps_the_old_artifact(tmp_path, llama, capsys,
+                                                                               monkeypatch):
+    out = tmp_path / "art"
+    assert run(capsys, "--recipe", write_recipe(tmp_path), "--model", llama, "--out", out, "--quiet")[0] == 0
+    old_manifest = (out / "manifest.json").read_text()
+    real_replace, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if Path(dst) == out and ".partial-" in str(src):  # staging -> dest, after dest was set aside
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(artifact_module.os, "replace", interrupted)
+    code, err = run(capsys, "--recipe", write_recipe(tmp_path), "--model", llama, "--out", out, "--force", "--quiet")
+    monkeypatch.undo()
+    assert code == 130
+    assert (out / "manifest.json").read_text() == old_manifest  # put back, not lost
+    verify_manifest(out)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".art.")] == []
+
+
+def test_an_artifact_set_aside_by_a_killed_run_is_put_back_by_the_next_claim(tmp_path, llama, capsys):
+    out = tmp_path / "art"
+    assert run(capsys, "--recipe", write_recipe(tmp_path), "--model", llama, "--out", out, "--quiet")[0] == 0
+    os.replace(out, tmp_path / ".art.old-4242")  # as if killed between the renames
+    (tmp_path / ".art.partial-abcd1234").mkdir()
+    live = tmp_path / ".art.partial-x.partial-abcd1234"  # another destination's staging: not ours
+    live.mkdir()
+    with pytest.raises(CompressorError, match="output folder exists"):
+        with artifact_module.staged_folder(out, force=False):
+            pytest.fail("the claim should see the artifact it put back")
+    verify_manifest(out)  # back in place, whole
+    assert live.is_dir() and not (tmp_path / ".art.partial-abcd1234").exists()
+    assert not (tmp_path / ".art.old-4242").exists()
+
+
+def test_analyze_claims_its_destination_too(tmp_path, llama, capsys):
     out = tmp_path / "analysis"
     code, err = run(capsys, "analyze", "--model", llama, "--out", out, "--samples", "1", "--seq-len", "16", "--quiet")
     assert code == 0, err

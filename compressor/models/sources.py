@@ -172,32 +172,50 @@ def _load_folder(path: Path, info: dict) -> LoadedModel:
 
 
 def _load_gguf(path: Path, quiet: bool, info: dict) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from compressor.models.adapters import adapter_for
+    from compressor.models.config_checks import check_dimensions
 
     quiet_output = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
     try:
         with quiet_output:
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:  # the GGUF reader raises many types (struct, numpy, key errors) on damaged files
         raise CompressorError(f"{path}: could not read the GGUF file ({type(exc).__name__}: {one_line(exc, 160)})") from None
+    adapter_for(config)
+    check_dimensions(config.to_dict(), f"{path} (its metadata)")  # before the weights are allocated
+    try:
+        with quiet_output:
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            hf_model, loading_info = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32, output_loading_info=True)
+    except Exception as exc:  # as above
+        raise CompressorError(f"{path}: could not read the GGUF file ({type(exc).__name__}: {one_line(exc, 160)})") from None
+    check_source_weights(hf_model, loading_info, str(path))
     return _from_transformers(hf_model.eval(), tokenizer, info)
 
 
 def _load_hub(model_id: str) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from compressor.models.adapters import adapter_for
+    from compressor.models.config_checks import check_dimensions
+
     try:
         config = AutoConfig.from_pretrained(model_id)
     except OSError as exc:
         raise CompressorError(
-            f"{model_id}: not a local path and the hub could not provide it ({str(exc).splitlines()[0]})"
-        ) from exc
-    from compressor.models.adapters import adapter_for
-
+            f"{model_id}: not a local path and the hub could not provide it ({one_line(exc, 200)})") from None
     adapter_for(config)
-    tokenizer = AutoTokenizer.from_pretrained(model_id)
-    hf_model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)
+    check_dimensions(config.to_dict(), f"{model_id} config.json")  # before anything is downloaded or allocated
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        hf_model, loading_info = AutoModelForCausalLM.from_pretrained(
+            model_id, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CompressorError(f"{model_id}: could not load the model from the hub ({one_line(exc, 200)})") from None
+    check_source_weights(hf_model, loading_info, model_id)
     return _from_transformers(hf_model.eval(), tokenizer, {"source": model_id, "kind": "hub"})
 
 
@@ -223,11 +241,13 @@ def _load_embedded(quiet: bool) -> LoadedModel:
     loaded = _load_gguf(gguf, quiet, info)
     cached.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cached.parent))
-    loaded.model.save_pretrained(staging)
-    loaded.tokenizer.save_pretrained(staging)
-    write_manifest(staging)
     try:
+        loaded.model.save_pretrained(staging)
+        loaded.tokenizer.save_pretrained(staging)
+        write_manifest(staging)
         os.replace(staging, cached)
-    except OSError:  # another process finished first
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if not isinstance(exc, OSError):  # an OSError: another process finished first, or no room to cache
+            raise
     return loaded

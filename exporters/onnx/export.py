@@ -17,7 +17,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import shutil
 import tempfile
 import warnings
@@ -26,6 +25,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from compressor.artifact import publish_permissions, swap_into_place
 from compressor.errors import CompressorError
 from exporters.onnx import DEFAULT_TOLERANCE
 
@@ -220,13 +220,8 @@ def export_artifact(folder: str | Path, tolerance: float = DEFAULT_TOLERANCE, lo
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    old = None
-    if target.exists():
-        old = folder / f".{ONNX_DIR}.old-{os.getpid()}"
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    publish_permissions(staging)
+    swap_into_place(staging, target)
     log(f"ONNX export written: {Path(name) / ONNX_DIR} (max |logit difference| vs torch "
         f"{max(v for k, v in figures.items() if k.endswith('_logits')):.2e})")
     return target

@@ -86,8 +86,17 @@ def check_files(onnx_dir: Path, graph: str):
     for tensor in proto.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             entry = {e.key: e.value for e in tensor.external_data}
-            end = int(entry.get("offset", 0)) + int(entry.get("length", 0))
-            needed[entry["location"]] = max(needed.get(entry["location"], 0), end)
+            location = entry.get("location", "")
+            try:
+                end = int(entry.get("offset", 0)) + int(entry.get("length", 0))
+            except ValueError:
+                end = -1
+            if (not location or Path(location).is_absolute() or ".." in Path(location).parts or "\\" in location
+                    or end < 0):
+                raise CompressorError(f"{path}: initializer {tensor.name[:80]} has a bad external-data entry "
+                                      f"(location {location[:80]!r}); it must name a file inside {ONNX_DIR}/ "
+                                      "with integer offset and length")
+            needed[location] = max(needed.get(location, 0), end)
     for location, end in needed.items():
         data = onnx_dir / location
         if not data.is_file():
