@@ -16,7 +16,6 @@ import json
 import math
 import random
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ import compressor
 
 from compressor import cli
 from compressor.data import embedded_text
-from test_recipe_fuzz import CASE_SECONDS, FUZZ_RECIPE, LINE_LIMIT, NASTY, Tally, all_paths, at, time_limit
+from test_recipe_fuzz import FUZZ_RECIPE, NASTY, Tally, all_paths, at
 
 SEED = 4242
 
@@ -103,7 +102,6 @@ def calibration_pool(base: Base, key: str) -> list:
 
 def targeted_edit(plan: dict, base: Base, rng: random.Random) -> str:
     """Sets one field `apply` reads to a value drawn from a pool of good, neighbouring and bad ones."""
-    q, s = plan.get("quantization"), plan.get("sharing")
     n = len(base.plan["layers"])
     names = list(base.plan["quantization"]["linears"])
     groups = base.plan["sharing"]["groups"]
