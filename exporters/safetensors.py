@@ -77,13 +77,14 @@ def _write_quantized(model, folder: Path, quantized: dict) -> None:
     save_file(state, str(folder / MODEL_FILE), metadata={"format": "pt"})
 
 
-def read_quantized_weights(folder: str | Path, state: dict | None = None) -> dict:
+def read_quantized_weights(folder: str | Path, state: dict | None = None, config=None) -> dict:
     """Module name -> QuantizedWeight (codes, scales, exact weights) of an artifact's packed weights;
-    empty when the artifact is not quantized. The ONNX exporter writes these codes as they are."""
+    empty when the artifact is not quantized. The ONNX exporter writes these codes as they are.
+    `state` and `config`, when the caller has read them already, are used instead of reading again."""
     from exporters.quantized_layout import formats_from_config, unpack_weight
 
     folder = Path(folder)
-    config = read_config(folder)
+    config = read_config(folder) if config is None else config
     if not getattr(config, "quantization_config", None):
         return {}
     state = load_checked(folder, config) if state is None else state
@@ -99,7 +100,7 @@ def read_quantized_weights(folder: str | Path, state: dict | None = None) -> dic
 def _read_quantized(state: dict, config, folder: Path) -> "torch.nn.Module":
     from compressor.modeling import build_with_weights
 
-    for name, weight in read_quantized_weights(folder, state).items():
+    for name, weight in read_quantized_weights(folder, state, config).items():
         for suffix in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
             state.pop(f"{name}.{suffix}", None)
         weight.exact_index = weight.exact_value = None  # restored by the model on its first forward
@@ -185,10 +186,15 @@ def _check_header(handle, expected: dict, path: Path) -> None:
             raise CompressorError(f"{path}: tensor {name} is {got_dtype}, expected {allowed}")
 
 
-def _check_values(state: dict, config, logical: dict, path: Path) -> None:
-    for name, tensor in state.items():
+def refuse_non_finite(tensors: dict, where: str, what: str = "tensor") -> None:
+    """One error naming the first floating tensor that holds NaN or an infinity."""
+    for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CompressorError(f"{path}: tensor {name} holds NaN or infinite values")
+            raise CompressorError(f"{where}: {what} {name} holds NaN or infinite values")
+
+
+def _check_values(state: dict, config, logical: dict, path: Path) -> None:
+    refuse_non_finite(state, str(path))
     for module, shape in logical.items():
         stored = state[f"{module}.weight_shape"].tolist()
         if stored != list(shape):

@@ -127,9 +127,9 @@ def check_source_weights(model: torch.nn.Module, loading_info: dict, source: str
     if missing:
         raise CompressorError(f"{source}: weight {missing[0]} is missing{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}"
                               "; config.json and the weights disagree (a layer dropped, or config.json edited)")
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CompressorError(f"{source}: weight {name} holds NaN or infinite values")
+    from exporters.safetensors import refuse_non_finite
+
+    refuse_non_finite(model.state_dict(), source, "weight")
 
 
 def _load_folder(path: Path, info: dict) -> LoadedModel:

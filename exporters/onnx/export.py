@@ -190,7 +190,7 @@ def export_artifact(folder: str | Path, tolerance: float = DEFAULT_TOLERANCE, lo
     name = name or folder
     model, _ = read_model(folder, with_tokenizer=False)
     model.restore_exact_weights()
-    quantized = read_quantized_weights(folder)
+    quantized = read_quantized_weights(folder, config=model.config)  # the codes, as stored
     config = model.config
     log(f"exporting {name} to ONNX (dynamo, opset {OPSET}): decoder graph with "
         f"{len(config.attention_layers())} KV-cache layers")
