@@ -16,6 +16,7 @@ repeats) and greedy decode speed (prompt of 128 tokens, 64 new tokens). Then:
   sparse-token prefill graph against its full prefill.
 
     python -m bench.onnx                 # about 40 min on 2 cores
+    python -m bench.onnx --workdir DIR   # keeps the built artifacts in DIR and reuses them next time
     python -m bench.onnx --quick         # fewer windows and cases (a smoke run)
 """
 

@@ -5,8 +5,8 @@ layer protected), then measures WikiText-2 test perplexity (first 16 windows x 5
 prefill / decode speed against the original, all in one run. Calibration is the embedded text,
 never the evaluation text. Also records the analysis pass's cost for 64 x 512 calibration tokens.
 
-    python bench/removal.py            # writes bench/results/removal.json and removal.md
-    python bench/removal.py --quick    # tiny settings, to check the script itself
+    python -m bench.removal            # writes bench/results/removal.json and removal.md
+    python -m bench.removal --quick    # tiny settings, to check the script itself
 """
 
 from __future__ import annotations

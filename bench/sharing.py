@@ -6,10 +6,11 @@ evaluation text):
 - the original fp32 model;
 - at 10 %, 20 % and 30 % fewer attention parameters (q/k/v/o) and at 10 % and 20 % fewer parameters
   in all decoder linears: cross-layer sharing with the weight fit and with the activation-aware fit
-  (groups by similarity; every group shares), the recipe default that lets a group fall back to a
-  basis per layer where that costs less fit error, and per-layer truncated SVD, plain and
-  activation-whitened (group size 1 in the same code). Every variant gets the same rank allocation (by fit error, the same parameter
-  budget), so the comparison is at equal parameters; the achieved counts are in the table;
+  (groups by similarity; every group shares), the same with `per_layer_fallback: true` (off by
+  default), which lets a group fall back to a basis per layer where that costs less fit error, and
+  per-layer truncated SVD, plain and activation-whitened (group size 1 in the same code). Every
+  variant gets the same rank allocation (by fit error, the same parameter budget), so the
+  comparison is at equal parameters; the achieved counts are in the table;
 - perplexity, bytes of model.safetensors, prefill of 512 tokens and greedy decode speed (median of
   repeats, in a fresh process that loads the saved artifact, as `compress eval` does).
 It writes bench/results/sharing.{json,md}.

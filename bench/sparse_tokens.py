@@ -12,7 +12,7 @@ One run, on the same machine and the same cases:
   be cheaper.
 It writes bench/results/sparse_tokens.{json,md} and sparse_tokens.png (accuracy per length x depth).
 
-    python -m bench.sparse_tokens            # the full run (about 35 min on 2 cores)
+    python -m bench.sparse_tokens            # the full run (51.5 min on 2 cores in the recorded run)
     python -m bench.sparse_tokens --quick    # short prompts, to check the script itself
 """
 

@@ -2,7 +2,7 @@
 against `compressor.load(folder, verify=False)` on artifacts of the embedded model, and the hashing
 alone (`compress verify`'s first step), in seconds and seconds per GB of files.
 
-    python -m bench.verify [--repeats 3]
+    python -m bench.verify [--repeats N]     # default 5; the recorded run used 9
 
 Artifacts: the original model unchanged (fp32, one 538 MB file) and a 4/8-bit RTN model with its
 ONNX export (safetensors plus onnx/weights.data). Each variant is timed in turn in one run, the
