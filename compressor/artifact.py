@@ -5,7 +5,8 @@ to one folder), works in a hidden staging folder next to it, writes the manifest
 renames the folder into place. An interrupted or failed run leaves nothing at the destination and
 removes its staging folder; staging folders left by a killed run are removed by the next claim.
 Published folders get ordinary permissions (the user's umask), not the private ones of a
-temporary folder.
+temporary folder. An export written into an artifact (its `onnx/` folder) is staged and swapped in
+the same way (`staging_beside`), under the artifact's claim.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from compressor.errors import CompressorError, one_line
 from compressor.manifest import MANIFEST_FILE, MANIFEST_FORMAT, write_manifest
+from compressor.safe_load import read_json as read_checked_json
 
 # Errors of the file system that are the user's situation, not a defect: reported as one line.
 DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
@@ -128,7 +130,7 @@ class _Lock:
 
 def _remove_stale_staging(dest: Path) -> None:
     """What runs on `dest` that were killed left (their lock is gone, ours is held): staging folders
-    are removed; a replaced artifact set aside (`.NAME.old-PID`) is put back if `dest` is missing,
+    are removed; a replaced folder set aside (`.NAME.old-PID`) is put back if `dest` is missing,
     since the run died between the two renames of its swap."""
     staging = re.compile(re.escape(f".{dest.name}.partial-") + r"[a-z0-9_]{8}")
     old = re.compile(re.escape(f".{dest.name}.old-") + r"\d+")
@@ -205,6 +207,29 @@ def _reporting_disk_errors(where: Path, codes=tuple(DISK_ERRORS)):
 
 
 @contextlib.contextmanager
+def staging_beside(dest: Path, before_swap=None, remove_stale: bool = True):
+    """Yields an empty hidden staging folder beside `dest` (`.NAME.partial-XXXXXXXX`); when the block
+    succeeds, gives it ordinary permissions, calls `before_swap(staging)` and swaps it into place of
+    `dest` (swap_into_place); on any failure or interruption it is deleted and `dest` is left as it
+    was. First removes what killed runs left beside `dest` (_remove_stale_staging), unless the caller
+    already did. The caller holds the claim on `dest` (its lock, or its artifact folder's)."""
+    dest = Path(dest)
+    if remove_stale:
+        _remove_stale_staging(dest)
+    with _reporting_disk_errors(dest.parent):
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        yield staging
+        publish_permissions(staging)
+        if before_swap is not None:
+            before_swap(staging)
+        swap_into_place(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
 def staged_folder(dest: str | Path, force: bool = False):
     """Claims `dest`, yields an empty staging folder; on success the staging folder gets the
     manifest and replaces `dest`, on any failure or interruption it is deleted and `dest` is left
@@ -217,20 +242,16 @@ def staged_folder(dest: str | Path, force: bool = False):
     try:
         _remove_stale_staging(dest)  # first: it may put back an artifact a killed run had set aside
         dest = check_destination(dest, force)  # again, now that no other run can change it
-        with _reporting_disk_errors(dest.parent):
-            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-        try:
-            with _reporting_disk_errors(dest, _WRITE_ERRORS):
-                yield staging
-                publish_permissions(staging)
-                write_manifest(staging)
-                if dest.exists() and not force:
-                    raise CompressorError(f"output folder {dest} appeared while this run was working; its result "
-                                          "was not published (pass --force to replace it)")
-                swap_into_place(staging, dest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+
+        def finish(staging: Path) -> None:
+            write_manifest(staging)
+            if dest.exists() and not force:
+                raise CompressorError(f"output folder {dest} appeared while this run was working; its result "
+                                      "was not published (pass --force to replace it)")
+
+        with (_reporting_disk_errors(dest, _WRITE_ERRORS),
+              staging_beside(dest, before_swap=finish, remove_stale=False) as staging):
+            yield staging
     finally:
         lock.release()
 
@@ -266,8 +287,6 @@ def read_json(path: Path, what: str, kind: type | None = dict):
     """A JSON file as data, with one clear error for a missing, oversized, non-UTF-8, malformed,
     too deeply nested file or one with repeated keys (compressor.safe_load), or (with `kind`) one
     whose top level is of another type."""
-    from compressor.safe_load import read_json as read_checked_json
-
     path = Path(path)
     data = read_checked_json(path, what, limit=JSON_LIMIT)
     if kind is not None and not isinstance(data, kind):

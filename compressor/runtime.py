@@ -2,8 +2,9 @@
 
 Backends: "torch" (the compressed model in PyTorch), "onnxruntime" (the artifact's `onnx/` export in
 ONNX Runtime sessions; CUDA execution provider first when onnxruntime-gpu is installed) and "auto"
-(onnxruntime when the artifact has an ONNX export and onnxruntime is installed, else torch). Both
-run the same decode loop (greedy or sampling, stop tokens, max tokens) and give the same answers.
+(onnxruntime when the artifact has an ONNX export and onnx and onnxruntime are installed, else
+torch). Both run the same decode loop (greedy or sampling, stop tokens, max tokens) and give the
+same answers. Only the onnxruntime backend imports onnx, onnxruntime and the ONNX loader.
 """
 
 from __future__ import annotations
@@ -11,9 +12,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from compressor.artifact import read_json
 from compressor.errors import CompressorError
+from compressor.manifest import verify_manifest
+from compressor.transforms.sparse_tokens import (SparseTokenSettings, decode_step, full_prefill, kept_text,
+                                                 sparse_prefill)
+from exporters.onnx import RUNTIME_REQUIRED, missing, require
+from exporters.onnx.files import DECODER_FILE, ONNX_DIR
+from exporters.safetensors import read_config, read_model, read_tokenizer
 
 BACKENDS = ("torch", "onnxruntime", "auto")
 
@@ -42,8 +51,6 @@ class Artifact:
 
     def sparse_settings(self, sparse_tokens: bool | None = None):
         """The artifact's sparse-token filter settings, or None when off (for this call)."""
-        from compressor.transforms.sparse_tokens import SparseTokenSettings
-
         stored = getattr(self.config, "sparse_tokens", None)
         if sparse_tokens is True and not stored:
             raise CompressorError(f"{self.folder}: sparse_tokens=True but this artifact has no sparse-token filter "
@@ -78,8 +85,6 @@ class Artifact:
         return self._selection_record(ids[0].tolist(), self._prefill(ids, settings)[1])
 
     def _selection_record(self, ids: list[int], selected) -> dict:
-        from compressor.transforms.sparse_tokens import kept_text
-
         if selected is None:
             return {"prompt_tokens": len(ids), "selected_positions": None, "kept_text": None}
         return {"prompt_tokens": len(ids), "selected_positions": selected[0].tolist(),
@@ -99,18 +104,12 @@ class Artifact:
             state = self.onnx.prefill(ids.numpy(), sparse=sparse)
             selected = [torch.from_numpy(k) for k in state.selected] if state.selected is not None else None
             return state, selected, torch.from_numpy(state.logits)
-        from compressor.transforms.sparse_tokens import full_prefill, sparse_prefill
-
         state = sparse_prefill(self.model, ids, settings) if settings is not None else full_prefill(self.model, ids)
         return state, state.selected, state.logits
 
     def _decode(self, token: int, state) -> torch.Tensor:
         if self.onnx is not None:
-            import numpy as np
-
             return torch.from_numpy(self.onnx.decode(np.array([token], dtype=np.int64), state))
-        from compressor.transforms.sparse_tokens import decode_step
-
         return decode_step(self.model, torch.tensor([token]), state)
 
     def _generate(self, ids, max_new_tokens, do_sample, temperature, top_k, seed, stop_token_ids, sparse_tokens):
@@ -153,15 +152,7 @@ class Artifact:
 
 
 def _optional_json(path: Path):
-    from compressor.artifact import read_json
-
     return read_json(path, path.name) if path.is_file() else None
-
-
-def _onnxruntime_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("onnxruntime") is not None
 
 
 def load(folder: str | Path, backend: str = "torch", providers: list[str] | None = None, threads: int | None = None,
@@ -172,28 +163,22 @@ def load(folder: str | Path, backend: str = "torch", providers: list[str] | None
     (intra-op; None: ONNX Runtime's default), `optimization` ("disable" | "basic" | "extended" |
     "all") and `matmul_accuracy` ("fp32" | "int8": activations quantized in fused MatMulNBits) apply
     to the onnxruntime backend."""
-    from exporters.safetensors import read_config, read_model, read_tokenizer
-
     if backend not in BACKENDS:
         raise CompressorError(f"backend {backend!r} is not available; allowed: {', '.join(BACKENDS)}")
     folder = Path(folder)
     if not folder.is_dir():
         raise CompressorError(f"artifact folder not found: {folder}")
     if verify:
-        from compressor.manifest import verify_manifest
-
         verify_manifest(folder)
     if backend == "auto":
-        from exporters.onnx.export import DECODER_FILE, ONNX_DIR
-
-        backend = "onnxruntime" if (folder / ONNX_DIR / DECODER_FILE).is_file() and _onnxruntime_installed() else "torch"
+        has_export = (folder / ONNX_DIR / DECODER_FILE).is_file()
+        backend = "onnxruntime" if has_export and not missing(RUNTIME_REQUIRED) else "torch"
     if backend == "torch":
         model, tokenizer = read_model(folder)
         return Artifact(folder, model, tokenizer)
-    if not _onnxruntime_installed():
-        raise CompressorError("backend 'onnxruntime' needs the onnxruntime package: pip install onnxruntime "
-                              "(or onnxruntime-gpu on a CUDA machine)")
-    from exporters.onnx.export import ONNX_DIR
+    require(RUNTIME_REQUIRED, "backend 'onnxruntime'")
+    # Here, not at the top: the loader's checks and sessions import onnx and onnxruntime, optional
+    # packages that the torch backend (and "auto" without them) must not need.
     from exporters.onnx.loader import OnnxDecoder
 
     if not (folder / "config.json").is_file():

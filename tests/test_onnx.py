@@ -310,6 +310,21 @@ def test_export_validation_fails_with_the_figure_and_writes_nothing(artifacts, m
     assert not [p for p in folder.iterdir() if p.name.startswith(".onnx")]
 
 
+def test_export_removes_what_a_killed_export_left(artifacts, tmp_path):
+    """Like a whole artifact's claim: staging folders of a killed export are removed, and an export it
+    had set aside between its two renames is put back before the new one replaces it."""
+    folder = _copy(artifacts("original"), tmp_path / "killed")
+    (folder / ".onnx.partial-dead1234").mkdir()
+    (folder / ".onnx.partial-dead1234" / WEIGHTS_FILE).write_bytes(b"0" * 1000)
+    (folder / "onnx").rename(folder / ".onnx.old-4242")  # killed between the renames of its swap
+    other = folder / ".onnx.partial-x.partial-abcd1234"  # not the staging of onnx/: left alone
+    other.mkdir()
+    export_artifact(folder, log=lambda m: None)
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".onnx")) == [other.name]
+    assert (folder / "onnx" / DECODER_FILE).is_file()
+    assert compressor.load(folder, backend="onnxruntime", verify=False).backend == "onnxruntime"
+
+
 def test_backend_auto_and_the_onnxruntime_backend_without_an_export(artifacts, tmp_path, tiny_model_folder):
     folder = artifacts("original")
     assert compressor.load(folder, backend="auto").backend == "onnxruntime"

@@ -1,14 +1,16 @@
 """ONNX export of an artifact folder: `onnx/model.onnx` (the decoder with an explicit KV cache),
 `onnx/prefill_sparse.onnx` when the plan has a sparse-token filter, their weights in one shared
 external-data file `onnx/weights.data`, and `onnx/export.json` (what was written and how it was
-checked).
+checked). The file names live in `exporters.onnx.files`; importing them from here still works for
+callers written before it.
 
 The graphs are exported by torch's dynamo exporter from `graph_module` (built from the compressed
 model, so removed units have no tensors), with dynamic batch and sequence axes. Quantized weights are
 then written from the artifact's own codes (`quantized_graph`). Before anything is kept, the
 exported graphs run on a probe input in ONNX Runtime and their logits are compared with the torch
-model's; a difference above the tolerance fails the export with the figure. The folder is written
-beside the artifact and renamed into place at the end.
+model's; a difference above the tolerance fails the export with the figure. The folder is staged
+inside the artifact and swapped into place at the end (`compressor.artifact.staging_beside`, as a
+whole artifact is), so a failed or killed export never leaves a half-written `onnx/`.
 """
 
 from __future__ import annotations
@@ -17,25 +19,25 @@ import contextlib
 import io
 import json
 import logging
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import onnx
 import torch
 
-from compressor.artifact import publish_permissions, swap_into_place
+from compressor.artifact import staging_beside
 from compressor.errors import CompressorError
-from exporters.onnx import DEFAULT_TOLERANCE
+from compressor.transforms.sparse_tokens import (SparseTokenSettings, check_settings, decode_step, full_prefill,
+                                                 sparse_prefill)
+from exporters.onnx import DEFAULT_TOLERANCE, token_filter
+from exporters.onnx.files import DECODER_FILE, MANIFEST_FILE, ONNX_DIR, SPARSE_FILE, WEIGHTS_FILE
+from exporters.onnx.graph_module import DecoderGraph, SparsePrefillGraph, kv_names
+from exporters.onnx.loader import OnnxDecoder
+from exporters.onnx.quantized_graph import rewrite_quantized
+from exporters.safetensors import read_model, read_quantized_weights
 
 OPSET = 21
 IR_VERSION = 10  # onnx 1.23 writes IR 14 by default, newer than ONNX Runtime 1.30 accepts
-ONNX_DIR = "onnx"
-DECODER_FILE = "model.onnx"
-SPARSE_FILE = "prefill_sparse.onnx"
-WEIGHTS_FILE = "weights.data"
-MANIFEST_FILE = "export.json"
 
 
 class ExportValidationError(CompressorError):
@@ -76,8 +78,6 @@ def _summary(exc: Exception) -> str:
 
 
 def decoder_proto(model, optimize: bool = False) -> onnx.ModelProto:
-    from exporters.onnx.graph_module import DecoderGraph, kv_names
-
     config = model.config
     graph = DecoderGraph(model).eval()
     batch, seq, past, total, kept = (torch.export.Dim("batch"), torch.export.Dim("sequence"),
@@ -97,9 +97,6 @@ def decoder_proto(model, optimize: bool = False) -> onnx.ModelProto:
 
 
 def sparse_proto(model, settings) -> onnx.ModelProto:
-    from exporters.onnx import token_filter
-    from exporters.onnx.graph_module import SparsePrefillGraph, kv_names
-
     config = model.config
     graph = SparsePrefillGraph(model, settings).eval()
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", min=settings.keep_tokens + 1)
@@ -143,9 +140,6 @@ def _probe_ids(config, length: int, seed: int = 0) -> torch.Tensor:
 def validate(model, folder: Path, tolerance: float, name: str | Path) -> dict:
     """Runs the exported graphs in ONNX Runtime on probe inputs against the torch model; returns the
     largest logit differences, or raises ExportValidationError."""
-    from compressor.transforms.sparse_tokens import SparseTokenSettings, decode_step, full_prefill, sparse_prefill
-    from exporters.onnx.loader import OnnxDecoder
-
     decoder = OnnxDecoder(folder, threads=None)
     config = model.config
     ids = _probe_ids(config, 24)
@@ -181,11 +175,8 @@ def validate(model, folder: Path, tolerance: float, name: str | Path) -> dict:
 def export_artifact(folder: str | Path, tolerance: float = DEFAULT_TOLERANCE, log=print,
                     name: str | Path | None = None) -> Path:
     """Writes `folder/onnx/` for an artifact folder (replacing an earlier export); returns its path.
-    `name` is how messages call the artifact (compress exports into its staging folder)."""
-    from compressor.transforms.sparse_tokens import SparseTokenSettings, check_settings
-    from exporters.onnx.quantized_graph import rewrite_quantized
-    from exporters.safetensors import read_model, read_quantized_weights
-
+    `name` is how messages call the artifact (compress exports into its staging folder); the caller
+    holds the artifact's claim (compressor.artifact.staged_folder or updating_in_place)."""
     folder = Path(folder)
     name = name or folder
     model, _ = read_model(folder, with_tokenizer=False)
@@ -203,9 +194,8 @@ def export_artifact(folder: str | Path, tolerance: float = DEFAULT_TOLERANCE, lo
     storage = {}
     for proto in protos.values():
         storage = rewrite_quantized(proto, quantized)
-    staging = Path(tempfile.mkdtemp(prefix=f".{ONNX_DIR}.partial-", dir=folder))
     target = folder / ONNX_DIR
-    try:
+    with staging_beside(target) as staging:
         _save_shared(protos, staging)
         log("validating the exported graphs in ONNX Runtime against the torch model")
         figures = validate(model, staging, tolerance, name)
@@ -217,17 +207,12 @@ def export_artifact(folder: str | Path, tolerance: float = DEFAULT_TOLERANCE, lo
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": _ort_version()},
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    publish_permissions(staging)
-    swap_into_place(staging, target)
     log(f"ONNX export written: {Path(name) / ONNX_DIR} (max |logit difference| vs torch "
         f"{max(v for k, v in figures.items() if k.endswith('_logits')):.2e})")
     return target
 
 
 def _ort_version() -> str:
-    import onnxruntime
+    import onnxruntime  # optional: imported where it is used, as in the loader
 
     return onnxruntime.__version__

@@ -26,7 +26,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from compressor.transforms.sparse_tokens import filter_query_keys
 
 
 def kv_names(config) -> list[tuple[str, str]]:
@@ -161,10 +164,6 @@ def select_tokens_reference(query: torch.Tensor, keys: torch.Tensor, attention_m
     rows that all hold more than `keep_tokens` real tokens: (batch, keep_tokens) indices into the
     padded prompt, increasing. `query` is the last token's (batch, heads, 1, dim) after RoPE, `keys`
     (batch, kv heads, tokens, dim) after RoPE."""
-    import math
-
-    import torch.nn.functional as F
-
     groups = query.shape[1] // keys.shape[1]
     if groups > 1:
         keys = keys.repeat_interleave(groups, dim=1)
@@ -191,8 +190,6 @@ class SparsePrefillGraph(_Body):
 
     def select(self, h, positions, attention_mask):
         """The filter layer's selection: `compressor.SelectTokens` in the graph."""
-        from compressor.transforms.sparse_tokens import filter_query_keys
-
         s = self.settings
         q, k = filter_query_keys(self, h, positions, s.filter_layer)
         return torch.ops.compressor.select_tokens(q, k, attention_mask, s.keep_tokens, s.keep_first, s.keep_last,

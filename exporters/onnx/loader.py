@@ -3,10 +3,14 @@ through the sparse-token graph), one decoding step with the KV cache, and logits
 
 Files are checked before any session is made, so a missing graph, a missing or truncated
 external-data file and a corrupted .onnx each give one clear error naming the file.
+
+onnx and onnxruntime (and int8_split, which imports onnx) are imported where they are used, so
+this module imports without them; the runtime checks both are installed before it loads an export.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import numpy as np
 
 from compressor.artifact import read_json
 from compressor.errors import CompressorError
-from exporters.onnx.export import DECODER_FILE, MANIFEST_FILE, ONNX_DIR, SPARSE_FILE
+from exporters.onnx.files import DECODER_FILE, MANIFEST_FILE, ONNX_DIR, SPARSE_FILE
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 # What ONNX Runtime computes a fused DequantizeLinear -> MatMul (MatMulNBits) in: "fp32" keeps the
@@ -117,8 +121,6 @@ def _has_int8_codes(proto) -> bool:
 def _split_8bit_graph(path: Path) -> bytes | None:
     """The graph with its 8-bit weights as 4-bit halves (exporters.onnx.int8_split), serialized; None
     when it would pass protobuf's 2 GB limit (then the session reads the file as it is)."""
-    import warnings
-
     import onnx
 
     from exporters.onnx.int8_split import TWO_GB, split_int8_matmuls
@@ -164,7 +166,6 @@ class OnnxDecoder:
         self.sparse_session = self._session(SPARSE_FILE, options) if self.has_sparse_prefill else None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [name for name in inputs if name.startswith("past_key_values.")]
-        self.present_names = [o.name for o in self.session.get_outputs()][1:]
         if self.past_names:
             shape = inputs[self.past_names[0]].shape
             self.kv_heads, self.head_dim = shape[1], shape[3]

@@ -16,7 +16,9 @@ import math
 
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, defs, helper
+
+from exporters.onnx.graph_module import select_tokens_reference
 
 DOMAIN = "compressor"
 OP_TYPE = "SelectTokens"
@@ -27,8 +29,6 @@ ATTRIBUTES = ("keep_tokens", "keep_first", "keep_last", "pool_width", "kv_groups
 @torch.library.custom_op("compressor::select_tokens", mutates_args=())
 def select_tokens(query: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor, keep_tokens: int,
                   keep_first: int, keep_last: int, pool_width: int) -> torch.Tensor:
-    from exporters.onnx.graph_module import select_tokens_reference
-
     return select_tokens_reference(query, keys, attention_mask, keep_tokens, keep_first, keep_last, pool_width)
 
 
@@ -38,8 +38,6 @@ def _select_tokens_shape(query, keys, attention_mask, keep_tokens, keep_first, k
 
 
 def _schema():
-    from onnx import defs
-
     param = defs.OpSchema.FormalParameter
     attr = defs.OpSchema.Attribute
     return defs.OpSchema(
@@ -52,6 +50,7 @@ def _schema():
 
 def translation_table(kv_groups: int) -> dict:
     """The dynamo exporter's translation of the custom op into the `compressor.SelectTokens` node."""
+    # onnxscript is optional and needed only to export: imported where it is used.
     from onnxscript import values
 
     node = values.Op(values.Opset(DOMAIN, VERSION), OP_TYPE, _schema())
