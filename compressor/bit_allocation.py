@@ -11,8 +11,9 @@ Costs by `allocate`:
 - `sensitivity`: the measured KL divergence of the final next-token distributions when only that
   unit is quantized at that width (summed over units as if independent);
 - `lim` / `zd`: importance x weights x 4^-bits, importance being the Layer-Wise Quantization
-  paper's LIM score (1 - cos(input, output) of the layer or unit) or ZD score (share of weights
-  with |z| > 1), normalized to mean 1: quantization noise energy scales as 4^-bits;
+  paper's LIM score (-cos(input, output) of the layer or unit, taken as 1 - cos so that it is
+  positive: the layer report's block influence, or a unit's 1 - redundancy) or ZD score (share of
+  weights with |z| > 1), normalized to mean 1: quantization noise energy scales as 4^-bits;
 - `uniform`: weights x 4^-bits, every unit equally important.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 
 from compressor.errors import CompressorError
+from compressor.transforms.quantize import stored_bytes
 
 MAX_STATES = 2_000_000
 
@@ -67,12 +69,13 @@ def solve_knapsack(items: list[list[tuple[int, float]]], capacity: int) -> tuple
 
 
 def unit_importance(analysis_layers: list[dict], key: tuple[int, str | None], score: str) -> float:
-    """LIM or ZD importance of a layer (unit None) or of one of its units."""
+    """LIM or ZD importance of a layer (unit None) or of one of its units. LIM (-cos(input, output))
+    is ranked as 1 - cos: the layer's block influence, the unit's 1 - redundancy."""
     layer, unit = key
     entry = analysis_layers[layer]
     if score == "lim":
         if unit is None:
-            return 1.0 + float(entry["lim"])  # lim is -cos: 1 - cos
+            return float(entry["block_influence"])
         return 1.0 - float(entry[unit]["redundancy"])
     if score == "zd":
         source = entry if unit is None else entry[unit]
@@ -115,6 +118,4 @@ def allocation_units(linears: list[dict], granularity: str) -> list[dict]:
 
 
 def unit_bytes(unit: dict, fmt) -> int:
-    from compressor.transforms.quantize import stored_bytes
-
     return sum(stored_bytes(out_features, in_features, fmt) for out_features, in_features in unit["shapes"])

@@ -94,8 +94,10 @@ def run(argv: list[str]) -> int:
     from compressor.analysis.render import layer_table
     from compressor.artifact import read_json, staged_folder
     from compressor.models.sources import load_model
-    from compressor.plan import load_plan, make_plan, save_plan
+    from compressor.errors import MissingRecord
+    from compressor.plan import load_plan, save_plan
     from compressor.recipe import Recipe, load_recipe, parse_recipe
+    from compressor.process import quiet_transformers
     from compressor.report import compare
 
     if argv and argv[0] in SUBCOMMANDS:
@@ -115,7 +117,7 @@ def run(argv: list[str]) -> int:
         data["calibration"].update(overrides)
         data["analysis"]["removal_sensitivity"] |= args.sensitivity
         recipe = parse_recipe(data, "command line")  # validates the overrides too
-        pipeline.quiet_transformers()
+        quiet_transformers()
         from compressor.artifact import check_destination
 
         check_destination(args.out, args.force)
@@ -128,7 +130,12 @@ def run(argv: list[str]) -> int:
     elif command == "plan":
         recipe = load_recipe(args.recipe)
         analysis = read_json(Path(args.analysis), "analysis")
-        plan = make_plan(recipe, analysis)
+        try:
+            plan = pipeline.make_plan(recipe, analysis)
+        except MissingRecord as exc:
+            source = (analysis.get("model") or {}).get("source") or "SOURCE"
+            raise exc.naming(args.analysis, f"compress analyze --recipe {args.recipe} --model {source} "
+                                            f"--out {Path(args.analysis).parent}") from None
         save_plan(plan, args.out)
         removed = (plan.get("removal") or {}).get("removed", [])
         print(f"plan: {len(removed)} units removed -> {args.out}")
@@ -161,14 +168,14 @@ def run(argv: list[str]) -> int:
     elif command == "report":
         print(compare(args.folders))
     elif command == "select":
-        pipeline.quiet_transformers()
+        quiet_transformers()
         _print_selection(args)
     elif command == "export":
-        pipeline.quiet_transformers()
+        quiet_transformers()
         out = pipeline.export_artifact(Path(args.folder), args.format, args.tolerance, log)
         print(f"{args.format} export: {out}")
     elif command == "verify":
-        pipeline.quiet_transformers()
+        quiet_transformers()
         print(pipeline.verify_artifact(Path(args.folder), args.update))
     return 0
 

@@ -1,4 +1,4 @@
-"""The one exception type users see: a message that says what was wrong, where, and what is allowed,
+"""The exception type users see (and MissingRecord, one kind of it): a message that says what was wrong, where, and what is allowed,
 and `shorten`, which every message uses to quote a bad value without repeating all of it."""
 
 from __future__ import annotations
@@ -17,6 +17,21 @@ _quoter.maxlong = 40
 
 class CompressorError(Exception):
     """Bad input or an impossible request. The CLI prints it as one line and exits non-zero."""
+
+
+class MissingRecord(CompressorError):
+    """A stage's decide step found no record of what it must read in the analysis (the analysis was
+    made for another recipe, or without that stage's measurement)."""
+
+    def __init__(self, stage: str, what: str, where: str = "analysis",
+                 command: str = "compress analyze --recipe RECIPE --model SOURCE --out DIR"):
+        self.stage, self.what = stage, what
+        super().__init__(f"{where}: no record of the {stage} stage ({what}); measure it with `{command}` "
+                         "and plan from that analysis")
+
+    def naming(self, where: str, command: str) -> "MissingRecord":
+        """The same error naming the analysis file and the exact command that measures the record."""
+        return MissingRecord(self.stage, self.what, where, command)
 
 
 def shorten(value, limit: int = QUOTE_LIMIT) -> str:

@@ -68,10 +68,6 @@ def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def folder_size(folder: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
-
-
 def evaluate_model(model, tokenizer, settings, eval_text: str, folder: str | Path, quiet: bool = False) -> dict:
     """All metrics of one model, already saved in `folder`, under the recipe's `evaluate` settings."""
     windows = evaluation_windows(tokenizer, eval_text, settings.windows, settings.seq_len)

@@ -502,6 +502,11 @@ class CompressedForCausalLM(CompressedPreTrainedModel, GenerationMixin):
             linear.weight.view(-1)[linear.exact_index] = linear.exact_value.to(linear.weight.dtype)
         self._exact_weights_restored = True
 
+    def ensure_exact_weights(self) -> None:
+        """restore_exact_weights once, before the first use of the weights."""
+        if not self._exact_weights_restored:
+            self.restore_exact_weights()
+
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
@@ -512,8 +517,7 @@ class CompressedForCausalLM(CompressedPreTrainedModel, GenerationMixin):
                 use_cache=None, labels=None, inputs_embeds=None, logits_to_keep: int = 0, cache=None, **kwargs):
         """The cache may come as `past_key_values` (the toolkit, transformers 5.0) or as `cache`
         (later transformers); it is returned under the output field the installed transformers reads."""
-        if not self._exact_weights_restored:
-            self.restore_exact_weights()
+        self.ensure_exact_weights()
         cache = cache_argument(past_key_values, cache)
         if use_cache and cache is None:
             cache = KVCache()
@@ -525,6 +529,12 @@ class CompressedForCausalLM(CompressedPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{OUTPUT_CACHE_FIELD: cache if use_cache else None})
+
+
+def config_with(config: CompressedConfig, **changes) -> CompressedConfig:
+    """A copy of `config` with the given fields changed (a transform's new model gets a new config)."""
+    data = dict(config.to_dict(), **changes)
+    return CompressedConfig(**{k: v for k, v in data.items() if k not in ("model_type", "transformers_version")})
 
 
 def build_with_weights(config: CompressedConfig, state: dict, origin: str) -> CompressedForCausalLM:

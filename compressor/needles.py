@@ -26,7 +26,6 @@ class NeedleCase:
     depth: float  # where the needle starts, as a fraction of the haystack
     answer: str  # the planted number
     input_ids: torch.Tensor  # (length,)
-    needle_span: tuple[int, int]  # token positions [start, end) of the needle sentence
     answer_span: tuple[int, int]  # token positions [start, end) of the number itself
 
 
@@ -50,7 +49,7 @@ def build_case(tokenizer, haystack: list[int], length: int, depth: float, number
     ids = hay[:at] + needle + hay[at:] + question
     number_tokens = len(tokenize(tokenizer, NEEDLE.format(number=number).rstrip(". "))) - len(prefix)
     answer_start = at + len(prefix)
-    return NeedleCase(length, depth, str(number), torch.tensor(ids), (at, at + len(needle)),
+    return NeedleCase(length, depth, str(number), torch.tensor(ids),
                       (answer_start, answer_start + number_tokens))
 
 

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
     model_validator
 
 from compressor.errors import CompressorError, one_line, shorten
+from compressor.models.adapters import ATTENTION_LINEARS, PROJECTIONS
 
 # Upper bounds of numeric fields (far above real runs; they stop absurd allocations, not experiments).
 MAX_WINDOWS = 65_536                # calibration / evaluation / search windows, probe cases
@@ -160,38 +161,62 @@ class FilterProbe(Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
+# The sparse-token filter's numbers: bounds and the rules between them, for recipes, plans, configs
+# and the filter itself (compressor.transforms.sparse_tokens).
+SPARSE_METHODS = ("gemfilter", "promptdistill")
+SPARSE_BOUNDS = {"keep_tokens": (2, MAX_PROMPT_TOKENS), "keep_first": (0, MAX_PROMPT_TOKENS),
+                 "keep_last": (1, MAX_PROMPT_TOKENS), "pool_width": (1, 1025)}
+
+
+def sparse_settings_problem(keep_tokens, keep_first, keep_last, pool_width) -> str | None:
+    """What is wrong with these filter numbers (None: nothing)."""
+    values = {"keep_tokens": keep_tokens, "keep_first": keep_first, "keep_last": keep_last, "pool_width": pool_width}
+    for name, (low, high) in SPARSE_BOUNDS.items():
+        value = values[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            return f"{name} must be an integer {low}..{high}, got {shorten(value, 40)}"
+    if keep_first + keep_last > keep_tokens:
+        return f"keep_first + keep_last ({keep_first + keep_last}) exceeds keep_tokens ({keep_tokens})"
+    if pool_width % 2 == 0:
+        return f"pool_width must be odd, got {pool_width}"
+    return None
+
+
+def _sparse_field(name: str, default: int):
+    low, high = SPARSE_BOUNDS[name]
+    return Field(default, ge=low, le=high)
+
+
 class SparseTokens(Strict):
     """Sparse-token attention for long prompts (see compressor.transforms.sparse_tokens)."""
-    method: Literal["gemfilter", "promptdistill"] = "promptdistill"
+    method: Literal[SPARSE_METHODS] = "promptdistill"
     filter_layer: Union[Literal["auto"], Annotated[int, Field(lt=MAX_LAYERS)]] = "auto"
-    keep_tokens: int = Field(1024, ge=2, le=MAX_PROMPT_TOKENS)
-    keep_first: int = Field(1, ge=0, le=MAX_PROMPT_TOKENS)
-    keep_last: int = Field(32, ge=1, le=MAX_PROMPT_TOKENS)
-    pool_width: int = Field(5, ge=1, le=1025)
+    keep_tokens: int = _sparse_field("keep_tokens", 1024)
+    keep_first: int = _sparse_field("keep_first", 1)
+    keep_last: int = _sparse_field("keep_last", 32)
+    pool_width: int = _sparse_field("pool_width", 5)
     probe: FilterProbe = FilterProbe()
 
     @model_validator(mode="after")
     def consistent(self):
         if isinstance(self.filter_layer, int) and self.filter_layer < 0:
             raise ValueError(f"filter_layer must be 'auto' or a layer index >= 0, got {self.filter_layer}")
-        if self.keep_first + self.keep_last > self.keep_tokens:
-            raise ValueError(f"keep_first + keep_last ({self.keep_first + self.keep_last}) exceeds "
-                             f"keep_tokens ({self.keep_tokens})")
-        if self.pool_width % 2 == 0:
-            raise ValueError(f"pool_width must be odd, got {self.pool_width}")
+        problem = sparse_settings_problem(self.keep_tokens, self.keep_first, self.keep_last, self.pool_width)
+        if problem:
+            raise ValueError(problem)
         if self.probe.tokens <= self.keep_tokens:
             raise ValueError(f"probe.tokens ({self.probe.tokens}) must exceed keep_tokens ({self.keep_tokens}), "
                              "or every token is kept and the probe measures nothing")
         return self
 
 
-Projection = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+Projection = Literal[PROJECTIONS]
 
 
 class Share(Strict):
     """Cross-layer weight sharing (see compressor.transforms.share): each listed projection is
     grouped across layers; a group stores one basis and per-layer coefficients."""
-    projections: list[Projection] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, max_length=MAX_LIST)
+    projections: list[Projection] = Field(list(ATTENTION_LINEARS), min_length=1, max_length=MAX_LIST)
     # Fraction of the listed projections' parameters to remove (0.2: 20 % fewer).
     reduction: float = Field(0.2, gt=0, lt=1)
     # `activation`: whitened by the calibration inputs, coefficients refit by least squares;
@@ -278,6 +303,15 @@ class Recipe(Strict):
         if (info.context or {}).get("input"):
             check_name(name)
         return name
+
+
+def default(section: type[BaseModel], field: str):
+    """The recipe schema's default for a field. Library functions take their defaults from here, so
+    that a call without a recipe does what a recipe leaving the field out does."""
+    return section.model_fields[field].default
+
+
+DEFAULT_BATCH_SIZE = default(Analysis, "batch_size")
 
 
 def _allowed_fields(model_cls, loc) -> list[str]:

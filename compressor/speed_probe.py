@@ -7,35 +7,19 @@ caller holds (other models, caches) counts toward its peak memory.
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import sys
 import time
 
 import torch
 
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM belongs to the address space made at exec;
-    ru_maxrss would also count the parent's memory at fork time."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from compressor.evaluate import timed_generation
+from compressor.process import peak_rss_mb, quiet_transformers
+from exporters.safetensors import read_model
 
 
 def main(folder: str, prompt_file: str, new_tokens: int, repeats: int) -> dict:
-    import transformers
-
-    from compressor.evaluate import timed_generation
-    from exporters.safetensors import read_model
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_transformers()
     prompt = torch.load(prompt_file)
     started = time.perf_counter()
     model, _ = read_model(folder, with_tokenizer=False)

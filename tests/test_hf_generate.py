@@ -31,7 +31,8 @@ from compressor.modeling import KVCache
 from compressor.models.adapters import to_compressed
 from compressor.transforms.prune import remove_units
 from compressor.transforms.quantize import QuantFormat, rtn_quantize
-from compressor.transforms.quantize_model import EMBEDDING, decoder_linears, quantize_embedding, set_weight
+from compressor.transforms.quantize_model import EMBEDDING, quantize_embedding, set_weight
+from helpers import decoder_linears
 from conftest import build_tiny_hf_model
 from exporters.safetensors import write_model
 

@@ -13,10 +13,11 @@ import compressor
 from compressor.data import WIKITEXT_RELATIVE, default_evaluation_text, evaluation_windows
 from compressor.evaluate import perplexity
 from compressor.models.sources import load_model
-from compressor.pipeline import compress, quiet_transformers
+from compressor.pipeline import compress
+from compressor.process import quiet_transformers
 from compressor.recipe import parse_recipe
 from compressor.transforms.prune import remove_units
-from exporters.safetensors import tensor_bytes
+from helpers import tensor_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -143,7 +144,8 @@ def test_eight_bit_weights_stay_within_one_percent_of_the_original_perplexity(em
     import copy
 
     from compressor.transforms.quantize import QuantFormat
-    from compressor.transforms.quantize_model import decoder_linears, quantize_model
+    from compressor.transforms.quantize_model import quantize_model
+    from helpers import decoder_linears
 
     text = default_evaluation_text()
     if not text.endswith(str(WIKITEXT_RELATIVE)):

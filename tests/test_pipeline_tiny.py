@@ -21,7 +21,8 @@ from compressor.recipe import parse_recipe
 from compressor.report import compare
 from compressor.transforms.prune import remove_units
 from conftest import FAMILIES
-from exporters.safetensors import MODEL_FILE, tensor_bytes, write_model
+from exporters.safetensors import MODEL_FILE, write_model
+from helpers import tensor_bytes
 
 NUM_LAYERS = 6
 ARTIFACT_FILES = ("config.json", MODEL_FILE, "tokenizer.json", "tokenizer_config.json", "recipe.yaml", "plan.json",

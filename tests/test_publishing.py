@@ -154,7 +154,7 @@ def test_out_may_not_be_the_working_folder_or_above_it(tmp_path, llama, capsys, 
 def test_too_little_free_space_is_refused_before_the_analysis(tmp_path, llama, capsys, monkeypatch):
     analyzed = []
     monkeypatch.setattr(artifact_module, "free_bytes", lambda folder: 1000)
-    monkeypatch.setattr(pipeline, "analyze", lambda *a, **k: analyzed.append(1))
+    monkeypatch.setattr(pipeline, "run_stages", lambda *a, **k: analyzed.append(1))
     out = tmp_path / "full"
     code, err = run(capsys, "--recipe", write_recipe(tmp_path), "--model", llama, "--out", out, "--quiet")
     assert code == 2

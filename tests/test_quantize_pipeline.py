@@ -24,16 +24,19 @@ import torch
 
 import compressor
 import exporters.safetensors as safetensors_exporter
+from compressor import pipeline
 from compressor.errors import CompressorError
 from compressor.models.sources import load_model
-from compressor.pipeline import analyze, apply_quantization, compress
-from compressor.plan import make_plan
+from compressor.pipeline import analyze, compress, make_plan
+from compressor.stages import quantization
+from compressor.stages.run import Run
 from compressor.recipe import parse_recipe
 from compressor.transforms.quantize import QuantFormat, rtn_quantize, stored_bytes
-from compressor.transforms.quantize_model import decoder_linears
+from helpers import decoder_linears
 from exporters.quantized_layout import formats_from_config
 from compressor.manifest import write_manifest
-from exporters.safetensors import MODEL_FILE, tensor_bytes, write_model
+from exporters.safetensors import MODEL_FILE, write_model
+from helpers import tensor_bytes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -66,7 +69,7 @@ def compress_capturing(recipe: dict, source: Path, out: Path) -> Built:
         return real_write(model, tokenizer, folder, quantized)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(safetensors_exporter, "write_model", capture)
+        patch.setattr(pipeline, "write_model", capture)
         folder = compress(parse_recipe(recipe), str(source), out, quiet=True, log=lambda m: None)
     return Built(folder, captured["model"], captured["quantized"])
 
@@ -330,7 +333,7 @@ def test_exact_weight_survives_export_and_both_loaders(tiny_model_folder, tiny_a
     plan = make_plan(plan_recipe(), tiny_analysis)
     plan["quantization"]["exact_weights"].append({"module": EXACT_MODULE, "row": 3, "column": 5,
                                                   "weight": float(original[3, 5]), "reason": "test"})
-    quantized = apply_quantization(loaded.model, loaded.tokenizer, plan, quiet=True)
+    quantized = quantization.apply(loaded.model, plan, Run(loaded.tokenizer, quiet=True)).codes
     code = quantized[EXACT_MODULE]
     assert code.exact_index.tolist() == [3 * original.shape[1] + 5]
     codes_only = (code.codes[3, 5].float() * code.scale[3, 5 // 32].float()).item()
@@ -418,7 +421,7 @@ def asymmetric(tmp_path_factory, tiny_model_folder, tiny_analysis) -> Built:
     """Round-to-nearest, 3 and 4 bits, zero points (embedding included), written by write_model."""
     loaded = load_model(str(tiny_model_folder["llama"]), quiet=True)
     plan = make_plan(plan_recipe(method="rtn", symmetric=False, bits=[3, 4]), tiny_analysis)
-    quantized = apply_quantization(loaded.model, loaded.tokenizer, plan, quiet=True)
+    quantized = quantization.apply(loaded.model, plan, Run(loaded.tokenizer, quiet=True)).codes
     folder = tmp_path_factory.mktemp("asym") / "artifact"
     write_model(loaded.model, loaded.tokenizer, folder, quantized)
     (folder / "plan.json").write_text(json.dumps(plan))

@@ -19,11 +19,14 @@ import torch
 import compressor
 from compressor.errors import CompressorError
 from compressor.modeling import FactoredLinear
-from compressor.plan import plan_sharing, share_groups
+from compressor.analysis.sharing import share_groups
+from compressor.stages.sharing import plan_sharing
 from compressor.recipe import Share, parse_recipe
-from compressor.transforms.share import (FITS, fit_shared, full_rank, rank_for_budget, relative_error,
+from helpers import relative_error
+from compressor.transforms.share import (FITS, fit_shared, full_rank, rank_for_budget,
                                          shared_parameters)
-from exporters.safetensors import MODEL_FILE, tensor_bytes
+from exporters.safetensors import MODEL_FILE
+from helpers import tensor_bytes
 from test_quantize_pipeline import CALIBRATION, EVALUATE, auto_load, compress_capturing, logits, max_diff, read_json
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -273,10 +276,9 @@ def test_composed_artifact_holds_the_predicted_bytes(shared_removed_quantized):
 
 
 def record(group_cost, layer_costs, shape=(8, 8), layers=(0, 1)):
-    return {"sharing": {"projections": {"q_proj": {"layers": list(layers), "shape": list(shape), "similarity": []}},
-                        "groups": [{"projection": "q_proj", "layers": list(layers), "cost": group_cost,
-                                    "layer_costs": layer_costs}],
-                        "other_tensor_bytes": 1000, "bytes_per_parameter": 4}}
+    return {"projections": {"q_proj": {"layers": list(layers), "shape": list(shape), "similarity": []}},
+            "groups": [{"projection": "q_proj", "layers": list(layers), "cost": group_cost, "layer_costs": layer_costs}],
+            "other_tensor_bytes": 1000, "bytes_per_parameter": 4}
 
 
 def linear_curve(full: int, scale: float, layers: int = 1) -> list[float]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from compressor.errors import CompressorError
-from compressor.plan import make_plan, validate_plan
+from compressor.errors import CompressorError, MissingRecord
+from compressor.pipeline import make_plan
+from compressor.plan import validate_plan
 from compressor.recipe import parse_recipe
 from test_plan import make_analysis
 
@@ -43,8 +44,9 @@ def test_auto_takes_the_earliest_layer_reaching_min_recall():
     assert spec["filter_layer"] == 3 and spec["reason"].startswith("no layer reaches")
 
 
-def test_auto_without_the_probe_leaves_the_section_pending():
-    assert "sparse_tokens" not in make_plan(recipe("auto"), make_analysis())
+def test_auto_without_the_probe_is_a_missing_record_of_the_sparse_tokens_stage():
+    with pytest.raises(MissingRecord, match="no record of the sparse_tokens stage .the filter-layer probe"):
+        make_plan(recipe("auto"), make_analysis())
 
 
 def test_filter_layer_without_attention_is_refused():

@@ -9,8 +9,9 @@ import torch
 
 from compressor.errors import CompressorError
 from compressor.models.adapters import to_compressed
+from helpers import greedy_generate
 from compressor.transforms.sparse_tokens import (SparseTokenSettings, check_settings, decode_step, full_prefill,
-                                                 greedy_generate, kept_text, select_positions, sparse_prefill,
+                                                 kept_text, select_positions, sparse_prefill,
                                                  token_scores)
 from conftest import build_tiny_hf_model
 
@@ -220,7 +221,7 @@ def test_bad_settings_fail_with_one_clear_error(models):
     windowed = to_compressed(build_tiny_hf_model("mistral"))
     with pytest.raises(CompressorError, match="sliding window of 64"):
         check_settings(settings("promptdistill"), windowed.config)
-    from compressor.plan import sparse_settings
+    from compressor.stages.sparse_tokens import sparse_settings
     from compressor.transforms.prune import remove_units
 
     plan = {"layers": [{"layer": i, "attention": "remove" if i == FILTER_LAYER else "keep", "mlp": "keep"}

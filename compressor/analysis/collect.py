@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from compressor.modeling import projection_weight
 from compressor.models.adapters import ATTENTION_LINEARS, MLP_LINEARS
 from compressor.progress import progress
+from compressor.recipe import DEFAULT_BATCH_SIZE
 
 MASSIVE_ABSOLUTE = 100.0
 MASSIVE_RELATIVE_TO_MEDIAN = 1000.0
@@ -56,7 +57,7 @@ def weight_statistics(model) -> list[dict]:
 
 
 class _LayerAccumulator:
-    def __init__(self, hidden: int, intermediate: int):
+    def __init__(self, hidden: int):
         self.tokens = 0
         self.attention_cos = 0.0
         self.mlp_cos = 0.0
@@ -79,11 +80,11 @@ def _cos_sum(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def analyze_layers(model, windows: torch.Tensor, batch_size: int = 4, quiet: bool = False) -> list[dict]:
+def analyze_layers(model, windows: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE, quiet: bool = False) -> list[dict]:
     """Runs the instrumented pass over `windows` (samples, seq_len) and returns per-layer metrics."""
     config = model.config
     layers = model.model.layers
-    acc = [_LayerAccumulator(config.hidden_size, config.intermediate_size) for _ in layers]
+    acc = [_LayerAccumulator(config.hidden_size) for _ in layers]
     state = {"sample": 0, "inputs": {}, "mids": {}}
     handles = []
 
@@ -205,7 +206,6 @@ def analyze_layers(model, windows: torch.Tensor, batch_size: int = 4, quiet: boo
         top_channels = torch.topk(a.channel_peak, k=min(TOP_RECORDS, a.channel_peak.numel()))
         entry.update({
             "block_influence": 1.0 - cos_layer,
-            "lim": -cos_layer,
             "max_abs_activation": a.max_abs,
             "massive_activations": {
                 "count": a.massive_count,

@@ -21,7 +21,7 @@ from compressor.transforms.sparse_tokens import SparseTokenSettings, select_posi
 @torch.no_grad()
 def filter_layer_probe(model, tokenizer, sparse, calibration_text: str, quiet: bool = False) -> dict:
     """Per layer, the fraction of probe needles its selection recovers (`sparse` is the recipe's
-    SparseTokens section); the plan picks the layer from this record."""
+    SparseTokens section); the sparse-token stage picks the layer from this record."""
     probe = sparse.probe
     limit = model.config.max_position_embeddings
     if probe.tokens > limit:
@@ -54,16 +54,3 @@ def filter_layer_probe(model, tokenizer, sparse, calibration_text: str, quiet: b
         "layers": [{"layer": layer, "recall": recovered[layer] / len(cases),
                     "answer_tokens_kept": kept_fraction[layer]} for layer in layers],
     }
-
-
-def choose_filter_layer(probe: dict, min_recall: float) -> tuple[int, str]:
-    """The earliest layer reaching `min_recall`; failing that, the earliest with the best recall."""
-    rows = probe["layers"]
-    for row in rows:
-        if row["recall"] >= min_recall:
-            return row["layer"], (f"earliest layer whose selection recovers {row['recall']:.0%} of "
-                                  f"{probe['cases']} probe needles (min_recall {min_recall:.0%})")
-    best = max(row["recall"] for row in rows)
-    row = next(r for r in rows if r["recall"] == best)
-    return row["layer"], (f"no layer reaches min_recall {min_recall:.0%}; earliest layer with the best recall "
-                          f"{best:.0%} of {probe['cases']} probe needles")

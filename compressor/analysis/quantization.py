@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import torch
 
-from compressor.analysis.removal import _Scorer
+from compressor.analysis.removal import Scorer
+from compressor.analysis.tensor_bytes import other_tensor_bytes
 from compressor.bit_allocation import allocation_units
 from compressor.progress import progress
+from compressor.transforms.quantize import recipe_format
 from compressor.transforms.quantize_model import (
     EMBEDDING, accumulate_hessians, embedded_inputs, layer_linears, unit_of_linear,
     quantize_layer_linears, run_layer)
+
+
+def sensitivity_key(quantize) -> dict:
+    """What a recorded sensitivity measurement must match to be reused by a plan."""
+    return {"method": quantize.method, "group_size": quantize.group_size, "symmetric": quantize.symmetric,
+            "granularity": quantize.granularity, "samples": quantize.sensitivity_samples,
+            "seq_len": quantize.sensitivity_seq_len, "damp": quantize.damp, "act_order": quantize.act_order,
+            "hessian_tokens": quantize.hessian_tokens}
 
 
 def quantization_inventory(model) -> dict:
@@ -26,9 +36,7 @@ def quantization_inventory(model) -> dict:
         for name, module in layer_linears(model, layer):
             linears.append({"name": name, "layer": layer, "unit": unit_of_linear(name),
                             "shape": list(module.weight.shape)})
-    quantizable = {f"{lin['name']}.weight" for lin in linears} | {f"{EMBEDDING}.weight"}
-    other = sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
-                if name not in quantizable and not (model.config.tie_word_embeddings and name == "lm_head.weight"))
+    other = other_tensor_bytes(model, {f"{lin['name']}.weight" for lin in linears} | {f"{EMBEDDING}.weight"})
     return {"linears": linears, "embedding_shape": list(model.model.embed_tokens.weight.shape),
             "other_tensor_bytes": other, "tied_embeddings": bool(model.config.tie_word_embeddings)}
 
@@ -36,10 +44,8 @@ def quantization_inventory(model) -> dict:
 @torch.no_grad()
 def quantization_sensitivity(model, quantize, calibration: torch.Tensor, batch_size: int, quiet: bool = False) -> dict:
     """KL divergence per allocation unit and width; the record says how it was measured."""
-    from compressor.plan import quant_format, sensitivity_key
-
     windows = calibration[: quantize.sensitivity_samples, : quantize.sensitivity_seq_len]
-    scorer = _Scorer(model, windows, batch_size, measure="kl")
+    scorer = Scorer(model, windows, batch_size, measure="kl")
     scorer.cache_layer_inputs()
     inventory = quantization_inventory(model)
     units = allocation_units(inventory["linears"], quantize.granularity)
@@ -59,7 +65,7 @@ def quantization_sensitivity(model, quantize, calibration: torch.Tensor, batch_s
         for unit in layer_units:
             scores[unit["key"]] = {}
             for bits in quantize.bits:
-                formats = {name: quant_format(quantize, bits) for name in unit["linears"]}
+                formats = {name: recipe_format(quantize, bits) for name in unit["linears"]}
                 quantize_layer_linears(model, layer, formats, quantize.method, hessians, {}, quantize.damp,
                                        quantize.act_order)
                 scores[unit["key"]][str(bits)] = scorer.divergence(start_layer=layer)

@@ -15,6 +15,7 @@ import contextlib
 import torch
 
 from compressor.progress import progress
+from compressor.recipe import DEFAULT_BATCH_SIZE
 
 
 
@@ -50,7 +51,7 @@ def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
 DIVERGENCES = {"js": js_divergence, "kl": kl_divergence}
 
 
-class _Scorer:
+class Scorer:
     """Final next-token log-probabilities on a fixed batch, with layer-input caching so that a
     candidate in layer l only reruns layers l..L-1."""
 
@@ -102,9 +103,9 @@ def present_units(model) -> list[tuple[int, str]]:
     return units
 
 
-def removal_sensitivity(model, windows: torch.Tensor, batch_size: int = 4, quiet: bool = False) -> dict:
+def removal_sensitivity(model, windows: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE, quiet: bool = False) -> dict:
     """JS divergence of the final distributions with each unit removed alone: {(layer, kind): js}."""
-    scorer = _Scorer(model, windows, batch_size)
+    scorer = Scorer(model, windows, batch_size)
     scorer.cache_layer_inputs()
     scores = {}
     for layer, kind in progress(present_units(model), "removal sensitivity", quiet):
@@ -151,14 +152,14 @@ def analyze_layers_light(model, windows, batch_size) -> list[dict]:
 
 
 def greedy_removal_order(model, windows: torch.Tensor, candidates: list[tuple[int, str]], steps: int,
-                         criterion: str, batch_size: int = 4, quiet: bool = False) -> list[dict]:
+                         criterion: str, batch_size: int = DEFAULT_BATCH_SIZE, quiet: bool = False) -> list[dict]:
     """The first `steps` units removed greedily from `candidates`; each step records its score."""
     if criterion not in ("finercut", "iterative"):
         raise ValueError(f"unknown greedy criterion {criterion!r}")
     removed: list[tuple[int, str]] = []
     order = []
     remaining = list(candidates)
-    scorer = _Scorer(model, windows, batch_size) if criterion == "finercut" else None
+    scorer = Scorer(model, windows, batch_size) if criterion == "finercut" else None
     bar = progress(range(steps), f"{criterion} search", quiet)
     for _ in bar:
         if not remaining:

@@ -23,14 +23,14 @@ def _fmt(value, spec=".4f") -> str:
 
 
 def layer_table(analysis: dict) -> str:
-    head = (f"{'layer':>5} {'attn red':>9} {'mlp red':>9} {'BI':>7} {'LIM':>8} {'attn ZD':>8} {'mlp ZD':>8} "
+    head = (f"{'layer':>5} {'attn red':>9} {'mlp red':>9} {'BI':>7} {'attn ZD':>8} {'mlp ZD':>8} "
             f"{'max|a|':>9} {'massive':>7} {'sink':>6} {'attn JS':>8} {'mlp JS':>8}")
     rows = [head, "-" * len(head)]
     for e in analysis["layers"]:
         att, mlp = e["attention"] or {}, e["mlp"] or {}
         rows.append(
             f"{e['layer']:>5} {_fmt(att.get('redundancy')):>9} {_fmt(mlp.get('redundancy')):>9} "
-            f"{e['block_influence']:>7.4f} {e['lim']:>8.4f} {_fmt(att.get('zd')):>8} {_fmt(mlp.get('zd')):>8} "
+            f"{e['block_influence']:>7.4f} {_fmt(att.get('zd')):>8} {_fmt(mlp.get('zd')):>8} "
             f"{e['max_abs_activation']:>9.1f} {e['massive_activations']['count']:>7} "
             f"{_fmt(att.get('sink_share'), '.3f'):>6} {_fmt(att.get('removal_js'), '.5f'):>8} "
             f"{_fmt(mlp.get('removal_js'), '.5f'):>8}")

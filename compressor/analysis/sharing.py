@@ -15,9 +15,10 @@ import math
 
 import torch
 
+from compressor.analysis.tensor_bytes import other_tensor_bytes
 from compressor.modeling import FactoredLinear
 from compressor.progress import progress
-from compressor.transforms.share import cost_curve, dense_projection, input_second_moments, unit_of
+from compressor.transforms.share import cost_curve, dense_projection, input_second_moments, module_name, unit_of
 
 # The leading input subspace compared between layers holds this fraction of the singular directions.
 SUBSPACE_FRACTION = 0.5
@@ -53,6 +54,36 @@ def subspace_similarity(weights: list[torch.Tensor]) -> list[list[float]]:
     return [[round((share[a][b] + share[b][a]) / 2, 6) for b in range(n)] for a in range(n)]
 
 
+def share_groups(layers: list[int], similarity: list[list[float]], grouping: str, group_size: int) -> list[list[int]]:
+    """Contiguous groups of `layers`: runs of `group_size` (adjacent), or (similarity) as many groups
+    as that makes, each at most twice `group_size` long, placed to minimize the summed dissimilarity
+    of each member to the rest of its group (a layer alone counts as wholly dissimilar)."""
+    n = len(layers)
+    if grouping == "adjacent" or group_size == 1 or n <= 1:
+        return [layers[i:i + group_size] for i in range(0, n, group_size)]
+    count, longest = math.ceil(n / group_size), 2 * group_size
+
+    def cost(start: int, stop: int) -> float:
+        if stop - start == 1:
+            return 1.0
+        members = range(start, stop)
+        return sum(1 - sum(similarity[a][b] for b in members if b != a) / (stop - start - 1) for a in members)
+
+    best = {(0, 0): (0.0, None)}  # (groups made, layers covered) -> (cost, previous cover)
+    for made in range(1, count + 1):
+        for stop in range(1, n + 1):
+            options = [(best[(made - 1, start)][0] + cost(start, stop), start)
+                       for start in range(max(0, stop - longest), stop) if (made - 1, start) in best]
+            if options:
+                best[(made, stop)] = min(options)
+    groups, stop = [], n
+    for made in range(count, 0, -1):
+        start = best[(made, stop)][1]
+        groups.append(layers[start:stop])
+        stop = start
+    return groups[::-1]
+
+
 def rounded(curve: list[float]) -> list[float]:
     return [round(c, 7) for c in curve]
 
@@ -61,8 +92,6 @@ def sharing_analysis(model, share, calibration, windows: torch.Tensor, batch_siz
                      moments: dict | None = None) -> tuple[dict, dict | None]:
     """(the analysis record, the calibration second moments or None for the weight fit).
     `moments` already measured on these windows (every wanted layer and projection) are reused."""
-    from compressor.plan import share_groups
-
     layers_of = {p: shareable_layers(model, p) for p in share.projections}
     if share.fit == "weight":
         moments = None
@@ -87,11 +116,8 @@ def sharing_analysis(model, share, calibration, windows: torch.Tensor, batch_siz
                 entry["layer_costs"] = [rounded(cost_curve([weights[layer]], share.fit, None if hessians is None
                                                            else [hessians[i]])) for i, layer in enumerate(members)]
             groups.append(entry)
-    in_scope = {f"model.layers.{layer}.{'self_attn' if unit_of(p) == 'attention' else 'mlp'}.{p}.weight"
-                for p, layers in layers_of.items() for layer in layers}
-    state = model.state_dict()
-    other = sum(t.numel() * t.element_size() for name, t in state.items()
-                if name not in in_scope and not (model.config.tie_word_embeddings and name == "lm_head.weight"))
+    in_scope = {f"{module_name(layer, p)}.weight" for p, layers in layers_of.items() for layer in layers}
+    other = other_tensor_bytes(model, in_scope)
     record = {"key": sharing_key(share, calibration), "projections": projections, "groups": groups,
               "other_tensor_bytes": other, "bytes_per_parameter": model.model.embed_tokens.weight.element_size()}
     return record, moments

@@ -19,6 +19,7 @@ from compressor.modeling import CompressedConfig, CompressedForCausalLM, build_w
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTENTION_LINEARS + MLP_LINEARS
 
 
 def _rope_settings(hf_config) -> tuple[float, dict | None]:

@@ -13,6 +13,7 @@ import math
 import re
 
 from compressor.errors import CompressorError, shorten
+from compressor.models.adapters import PROJECTIONS
 
 # Far above any released decoder (Llama 3.1 405B: 126 layers, hidden 16384, vocab 128256), far below
 # what would make building the model on the meta device (or an error message) take minutes.
@@ -21,7 +22,6 @@ DIMENSION_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate
                     "head_dim": 1 << 12, "max_position_embeddings": 1 << 24}
 REQUIRED_DIMENSIONS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 ROPE_TYPES = ("default", "linear", "llama3")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _is_int(value) -> bool:

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from compressor.recipe import Quantize, default
+
 SCALE_DTYPE = torch.float16
 SUPPORTED_BITS = (2, 3, 4, 8)
-SUPPORTED_GROUP_SIZES = (32, 64, 128, None)  # None: one scale per output channel
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,11 @@ class QuantFormat:
     def label(self) -> str:
         group = "channel" if self.group_size is None else f"g{self.group_size}"
         return f"int{self.bits}-{group}-{'sym' if self.symmetric else 'asym'}"
+
+
+def recipe_format(quantize, bits: int) -> QuantFormat:
+    """The format of `bits` under a recipe's quantize section (group_size "channel": one scale per row)."""
+    return QuantFormat(bits, None if quantize.group_size == "channel" else quantize.group_size, quantize.symmetric)
 
 
 @dataclass
@@ -139,8 +145,8 @@ def rtn_quantize(weight: torch.Tensor, fmt: QuantFormat, keep_exact: torch.Tenso
 
 
 @torch.no_grad()
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, damp: float = 0.01,
-                  act_order: bool = False, block_size: int = 128,
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, damp: float = default(Quantize, "damp"),
+                  act_order: bool = default(Quantize, "act_order"), block_size: int = 128,
                   keep_exact: torch.Tensor | None = None) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022): columns quantized one at a time, the rounding error of each spread
     over the columns not yet quantized through the inverse Hessian of the layer's inputs.

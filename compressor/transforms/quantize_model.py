@@ -14,11 +14,12 @@ from __future__ import annotations
 import torch
 
 from compressor.modeling import FactoredLinear, causal_mask
+from compressor.models.adapters import ATTENTION_LINEARS, MLP_LINEARS
 from compressor.progress import progress
+from compressor.recipe import DEFAULT_BATCH_SIZE, Quantize, default
+from compressor.transforms.gram import GramAccumulator
 from compressor.transforms.quantize import QuantFormat, QuantizedWeight, gptq_quantize, rtn_quantize
 
-ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 # GPTQ quantizes a layer's linears in this order, measuring each step's inputs with the earlier
 # steps already quantized ("true sequential"): o_proj sees the attention output of quantized
 # q/k/v, down_proj the activations of quantized gate/up.
@@ -49,10 +50,6 @@ def layer_linears(model, layer: int) -> list[tuple[str, torch.nn.Linear]]:
             if module.residual_down is not None:
                 found += [(f"{name}.residual_down", module.residual_down), (f"{name}.residual_up", module.residual_up)]
     return found
-
-
-def decoder_linears(model) -> list[tuple[str, torch.nn.Linear]]:
-    return [item for layer in range(len(model.model.layers)) for item in layer_linears(model, layer)]
 
 
 def projection_of(name: str) -> str:
@@ -95,7 +92,7 @@ def _rotary_and_mask(model, tokens: int):
 
 @torch.no_grad()
 def accumulate_hessians(model, layer: int, hidden: list[torch.Tensor], wanted: list[str],
-                        token_weighting: str = "equal") -> dict[str, torch.Tensor]:
+                        token_weighting: str = default(Quantize, "hessian_tokens")) -> dict[str, torch.Tensor]:
     """X^T X / n of the inputs of each wanted linear of `layer`, with `hidden` the layer's input
     batches (a shared basis sees this layer's input only).
 
@@ -105,18 +102,8 @@ def accumulate_hessians(model, layer: int, hidden: list[torch.Tensor], wanted: l
     embedded model that made GPTQ worse than round-to-nearest."""
     block = model.model.layers[layer]
     modules = dict(layer_linears(model, layer))
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-    for name in wanted:
-        def hook(_module, args, name=name):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            if token_weighting == "equal":
-                x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-
-        hooks.append(modules[name].register_forward_pre_hook(hook))
+    gram = GramAccumulator(torch.float32, token_weighting)
+    hooks = [modules[name].register_forward_pre_hook(gram.pre_hook(name)) for name in wanted]
     try:
         cos, sin, mask = _rotary_and_mask(model, hidden[0].shape[1])
         for h in hidden:
@@ -124,7 +111,7 @@ def accumulate_hessians(model, layer: int, hidden: list[torch.Tensor], wanted: l
     finally:
         for handle in hooks:
             handle.remove()
-    return {name: sums[name] / counts[name] for name in wanted}
+    return {name: gram.mean(name) for name in wanted}
 
 
 @torch.no_grad()
@@ -170,9 +157,11 @@ def sequential_steps(wanted: list[str]) -> list[list[str]]:
 
 @torch.no_grad()
 def quantize_model(model, formats: dict[str, QuantFormat], method: str = "gptq", calibration: torch.Tensor | None = None,
-                   batch_size: int = 4, damp: float = 0.01, act_order: bool = False,
+                   batch_size: int = DEFAULT_BATCH_SIZE, damp: float = default(Quantize, "damp"),
+                   act_order: bool = default(Quantize, "act_order"),
                    keep_exact: dict[str, torch.Tensor] | None = None, embedding: QuantFormat | None = None,
-                   token_weighting: str = "equal", quiet: bool = False) -> dict[str, QuantizedWeight]:
+                   token_weighting: str = default(Quantize, "hessian_tokens"),
+                   quiet: bool = False) -> dict[str, QuantizedWeight]:
     """Quantizes the decoder linears named in `formats` (and the embedding when given) in place.
 
     `keep_exact` maps a linear to a boolean mask of weights left exact (stored apart).

@@ -24,7 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from compressor.errors import CompressorError
+from compressor.modeling import FactoredLinear, build_with_weights, config_with
+from compressor.models.adapters import ATTENTION_LINEARS
+from compressor.models.adapters import PROJECTIONS as PROJECTIONS  # re-exported: the names a group may share
 from compressor.progress import progress
+from compressor.transforms.gram import GramAccumulator
 
 FITS = ("weight", "activation")
 # Relative damping added to each second moment (a fraction of its mean diagonal): calibration
@@ -164,30 +169,12 @@ def cost_curve(weights: list[torch.Tensor], fit: str, hessians: list[torch.Tenso
     return [float(c) for c in cost]
 
 
-def relative_error(weights: list[torch.Tensor], fit: SharedFit, hessians: list[torch.Tensor] | None = None) -> float:
-    """sum_i ||X_i (W_i - W~_i)^T||^2 / sum_i ||X_i W_i^T||^2 (plain Frobenius without hessians)."""
-    error = total = 0.0
-    for i, w in enumerate(weights):
-        w = w.detach().double()
-        delta = w - fit.reconstruct(i)
-        if hessians is None:
-            error += float(delta.pow(2).sum())
-            total += float(w.pow(2).sum())
-        else:
-            h = hessians[i].double()
-            error += float(torch.einsum("oi,ij,oj->", delta, h, delta))
-            total += float(torch.einsum("oi,ij,oj->", w, h, w))
-    return error / total
-
-
 # --- the model side -------------------------------------------------------------------------------
 
 # Which calibration input each projection reads (q, k and v read the same normed hidden state).
 INPUT_OF = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "o_proj",
             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "down_proj"}
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+ATTENTION_PROJECTIONS = ATTENTION_LINEARS
 
 
 def unit_of(projection: str) -> str:
@@ -210,29 +197,19 @@ def input_second_moments(model, windows: torch.Tensor, batch_size: int, wanted: 
     GPTQ's Hessians here do); measured on the embedded model it fits worse: per-layer whitened SVD
     at 20 % fewer attention parameters scored 35.52 against 34.53 with `raw` (8 WikiText-2
     windows), shared groups of 5 33.53 against 33.3."""
-    sums: dict[tuple[int, str], torch.Tensor] = {}
-    counts: dict[tuple[int, str], int] = {}
     readers = {}
     for layer, projection in wanted:
         readers.setdefault((layer, INPUT_OF[projection]), projection)
-    hooks = []
-    for (layer, source), projection in readers.items():
-        def hook(_module, args, key=(layer, source)):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            if token_weighting == "equal":
-                x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-            sums[key] = sums.get(key, 0) + x.T @ x
-            counts[key] = counts.get(key, 0) + x.shape[0]
-
-        hooks.append(dense_projection(model, layer, projection).register_forward_pre_hook(hook))
+    gram = GramAccumulator(torch.float64, token_weighting)
+    hooks = [dense_projection(model, key[0], projection).register_forward_pre_hook(gram.pre_hook(key))
+             for key, projection in readers.items()]
     try:
         for batch in progress(windows.split(batch_size), "input second moments", quiet):
             model(batch)
     finally:
         for handle in hooks:
             handle.remove()
-    return {(layer, projection): sums[(layer, INPUT_OF[projection])] / counts[(layer, INPUT_OF[projection])]
-            for layer, projection in wanted}
+    return {(layer, projection): gram.mean((layer, INPUT_OF[projection])) for layer, projection in wanted}
 
 
 def basis_key(projection: str, index: int) -> str:
@@ -249,9 +226,6 @@ def share_weights(model, groups: list[dict], fit: str, moments: dict[tuple[int, 
                   quiet: bool = False):
     """A new model whose projections in `groups` ({"projection", "layers", "rank", "residual_rank",
     "basis"}) are factored as the fit finds; every other tensor is taken over unchanged."""
-    from compressor.errors import CompressorError
-    from compressor.modeling import CompressedConfig, FactoredLinear, build_with_weights
-
     state = dict(model.state_dict())
     dtype = model.model.embed_tokens.weight.dtype
     for group in progress(groups, f"fitting shared bases ({fit})", quiet):
@@ -274,8 +248,6 @@ def share_weights(model, groups: list[dict], fit: str, moments: dict[tuple[int, 
                 p, q = result.residuals[i]
                 state[f"{name}.residual_down.weight"] = p.T.to(dtype).contiguous()
                 state[f"{name}.residual_up.weight"] = q.T.to(dtype).contiguous()
-    config_dict = model.config.to_dict()
     entries = [{k: group[k] for k in ("projection", "layers", "rank", "residual_rank", "basis")} for group in groups]
-    config_dict["weight_sharing"] = (config_dict.get("weight_sharing") or []) + entries or None
-    config = CompressedConfig(**{k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")})
+    config = config_with(model.config, weight_sharing=(model.config.weight_sharing or []) + entries or None)
     return build_with_weights(config, state, "weight sharing")

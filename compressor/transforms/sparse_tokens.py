@@ -18,25 +18,26 @@ Prompts of at most k tokens run unchanged. Batches are left-padded; each row sel
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from compressor.errors import CompressorError
 from compressor.modeling import KVCache, apply_rope, default_positions
+from compressor.recipe import SPARSE_METHODS, SparseTokens, default, sparse_settings_problem
 
-METHODS = ("gemfilter", "promptdistill")
+METHODS = SPARSE_METHODS
 
 
 @dataclass(frozen=True)
 class SparseTokenSettings:
     method: str
     filter_layer: int
-    keep_tokens: int = 1024
-    keep_first: int = 1
-    keep_last: int = 32
-    pool_width: int = 5
+    keep_tokens: int = default(SparseTokens, "keep_tokens")
+    keep_first: int = default(SparseTokens, "keep_first")
+    keep_last: int = default(SparseTokens, "keep_last")
+    pool_width: int = default(SparseTokens, "pool_width")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +54,10 @@ class SparseTokenSettings:
             raise CompressorError(f"{where}: {exc}") from None
 
 
+# The filter's settings as config.json and plan.json carry them, in this order.
+SETTINGS = tuple(f.name for f in fields(SparseTokenSettings))
+
+
 def check_settings(settings: SparseTokenSettings, config, where: str = "sparse_tokens") -> None:
     """One clear error for settings the model cannot run."""
     if settings.method not in METHODS:
@@ -66,13 +71,9 @@ def check_settings(settings: SparseTokenSettings, config, where: str = "sparse_t
     if getattr(config, "attention_window", None) is not None:
         raise CompressorError(f"{where}: the model attends through a sliding window of {config.attention_window} "
                               "tokens, so the last token cannot score the whole prompt; the filter needs full attention")
-    if settings.keep_first < 0 or settings.keep_last < 1:
-        raise CompressorError(f"{where}: keep_first must be >= 0 and keep_last >= 1 (the last token scores the rest)")
-    if settings.keep_first + settings.keep_last > settings.keep_tokens:
-        raise CompressorError(f"{where}: keep_first + keep_last ({settings.keep_first + settings.keep_last}) "
-                              f"exceeds keep_tokens ({settings.keep_tokens})")
-    if settings.pool_width < 1 or settings.pool_width % 2 == 0:
-        raise CompressorError(f"{where}.pool_width: must be an odd number >= 1, got {settings.pool_width}")
+    problem = sparse_settings_problem(settings.keep_tokens, settings.keep_first, settings.keep_last, settings.pool_width)
+    if problem:
+        raise CompressorError(f"{where}: {problem}")
 
 
 @dataclass
@@ -109,7 +110,7 @@ def filter_query_keys(model, hidden: torch.Tensor, position_ids: torch.Tensor, l
 
 @torch.no_grad()
 def token_scores(model, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 layer_index: int, pool_width: int = 5) -> torch.Tensor:
+                 layer_index: int, pool_width: int = default(SparseTokens, "pool_width")) -> torch.Tensor:
     """(batch, tokens) scores of every prompt token from the input `hidden` of layer `layer_index`:
     the last query's attention probabilities over all keys, summed over heads, average-pooled."""
     q, k = filter_query_keys(model, hidden, position_ids, layer_index)
@@ -170,8 +171,7 @@ def sparse_prefill(model, input_ids: torch.Tensor, settings: SparseTokenSettings
     if int(attention_mask.sum(-1).max()) <= settings.keep_tokens:
         return full_prefill(model, input_ids, attention_mask)
     check_settings(settings, model.config)
-    if not model._exact_weights_restored:
-        model.restore_exact_weights()
+    model.ensure_exact_weights()
     r = settings.filter_layer
     inner = model.model
     b, n = input_ids.shape
@@ -227,16 +227,6 @@ def greedy_continue(model, state: Prefill, max_new_tokens: int) -> torch.Tensor:
         if step + 1 < max_new_tokens:
             logits = decode_step(model, token, state)
     return torch.stack(tokens, dim=1)
-
-
-@torch.no_grad()
-def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, settings: SparseTokenSettings | None = None,
-                    attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Prefill]:
-    """Greedy continuation of a (left-padded) batch: (batch, max_new_tokens) token ids and the state
-    after them (its logits are those that followed the last decoded token)."""
-    state = (sparse_prefill(model, input_ids, settings, attention_mask) if settings is not None
-             else full_prefill(model, input_ids, attention_mask))
-    return greedy_continue(model, state, max_new_tokens), state
 
 
 def kept_text(tokenizer, ids: list[int], kept: torch.Tensor, gap: str = " [...] ") -> str:

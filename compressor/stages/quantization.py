@@ -1,0 +1,225 @@
+"""Weight quantization (GPTQ or round-to-nearest) with one width per layer or unit under a size budget.
+
+measure: the inventory of quantizable tensors and, for `allocate: sensitivity`, each unit's
+measured sensitivity per width (compressor.analysis.quantization), on the model after removal and
+sharing. decide: the widths, the exact multiple-choice knapsack optimum under the budget
+(compressor.bit_allocation), and the super weights kept exactly. apply: the codes, by the plan's
+method on the plan's calibration windows (the model's weights become their quantized values).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from compressor.analysis.quantization import quantization_inventory, quantization_sensitivity, sensitivity_key
+from compressor.bit_allocation import allocation_units, option_costs, solve_knapsack, unit_bytes
+from compressor.errors import CompressorError, MissingRecord, shorten
+from compressor.plan import UNIT_KINDS, bad_value, need_number, need_object
+from compressor.recipe import Quantize, Recipe
+from compressor.stages.run import Applied, Run
+from compressor.transforms.quantize import QuantFormat, exact_bytes, recipe_format, stored_bytes
+from compressor.transforms.quantize_model import quantize_model
+
+SECTION, PART, RECORD = "quantize", "quantization", "quantization"
+
+
+def measure(model, recipe: Recipe, analysis: dict, run: Run) -> dict:
+    record = quantization_inventory(model)
+    if recipe.quantize.allocate == "sensitivity":
+        windows = run.calibration(recipe.calibration.model_dump()).input_ids
+        record["sensitivity"] = quantization_sensitivity(model, recipe.quantize, windows, run.batch_size, run.quiet)
+    return record
+
+
+# --- decide -------------------------------------------------------------------------------------
+
+def protected_outliers(quantize: Quantize, analysis: dict, linear_names: set[str]):
+    """(weights kept exactly, {layer: reason} pinned to the highest width) from the recipe's protect."""
+    exact, pinned = [], {}
+    num_layers = len(analysis["layers"])
+    for layer in quantize.protect.layers:
+        if not 0 <= layer < num_layers:
+            raise CompressorError(f"quantize.protect.layers: layer {layer} does not exist; allowed: 0..{num_layers - 1}")
+        pinned[layer] = "protected by the recipe"
+    candidates = analysis.get("super_weight_candidates", [])
+    if quantize.protect.outliers in ("auto", "keep"):
+        for c in candidates:
+            module = f"model.layers.{c['layer']}.mlp.down_proj"
+            if module in linear_names:
+                exact.append({"module": module, "row": c["row"], "column": c["column"], "weight": c["weight"],
+                              "reason": f"super-weight candidate (down_proj output peak {c['output_peak']:.0f})"})
+    elif quantize.protect.outliers == "pin":
+        for c in candidates:
+            pinned.setdefault(c["layer"], f"super-weight candidate at row {c['row']}, column {c['column']}")
+        first_massive = next((e["layer"] for e in analysis["layers"]
+                              if (e.get("massive_activations") or {}).get("count")), None)
+        if first_massive is not None:
+            pinned.setdefault(first_massive, "massive activations first appear here")
+    return exact, pinned
+
+
+def check_group_size(quantize: Quantize, inventory: dict) -> None:
+    if quantize.group_size == "channel":
+        return
+    widths = {shape[1] for shape in (lin["shape"] for lin in inventory["linears"])}
+    if quantize.embeddings != "keep":
+        widths.add(inventory["embedding_shape"][1])
+    bad = sorted(w for w in widths if w % quantize.group_size)
+    if bad:
+        allowed = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths)] + ["channel"]
+        raise CompressorError(f"quantize.group_size: {quantize.group_size} does not divide the input width "
+                              f"{bad[0]} of this model's quantized tensors; allowed here: {allowed}")
+
+
+def check_measured_after_removal(inventory: dict, decisions: list[dict], where: str = "analysis") -> None:
+    """The inventory is measured on the model after the plan's removals; one measured for another
+    removal would quantize units that are gone (or leave kept units out): refused, with what to run."""
+    again = "it was measured for another removal; run `compress analyze --recipe RECIPE` again"
+    measured = set()
+    for j, linear in enumerate(inventory["linears"]):
+        layer, kind = linear["layer"], linear["unit"]
+        if decisions[layer][kind] != "keep":
+            raise CompressorError(f"{where}: quantization.linears[{j}] ({shorten(linear['name'], 60)}) belongs to "
+                                  f"layer {layer}'s {kind} unit, which this plan does not keep; {again}")
+        measured.add((layer, kind))
+    for d in decisions:
+        for kind in UNIT_KINDS:
+            if d[kind] == "keep" and (d["layer"], kind) not in measured:
+                raise CompressorError(f"{where}: quantization.linears has no linear of layer {d['layer']}'s {kind} "
+                                      f"unit, which this plan keeps; {again}")
+
+
+def check_costs_recorded(quantize: Quantize, analysis: dict, units: list[dict], widths: list[int],
+                         sensitivity: dict | None) -> None:
+    """What option_costs reads for the recipe's `allocate`: a finite cost per unit and width."""
+    where = "analysis"
+    layers = analysis["layers"]
+    if quantize.allocate == "sensitivity":
+        scores = need_object(where, "quantization.sensitivity.scores", sensitivity, "an object of costs per unit")
+        for unit in units:
+            row = scores.get(unit["key"])
+            if not isinstance(row, dict) or not all(isinstance(row.get(str(b)), (int, float)) and
+                                                    not isinstance(row.get(str(b)), bool) and
+                                                    math.isfinite(row.get(str(b))) for b in widths):
+                raise bad_value(where, f"quantization.sensitivity.scores[{unit['key']!r}]", row,
+                                f"an object with a finite cost for each width {widths}")
+    elif quantize.allocate in ("lim", "zd"):
+        for unit in units:
+            entry = layers[unit["layer"]]
+            if unit["unit"] is None:
+                key = "block_influence" if quantize.allocate == "lim" else "zd"
+                field, value = f"layers[{unit['layer']}].{key}", entry.get(key)
+            else:
+                key = "redundancy" if quantize.allocate == "lim" else "zd"
+                field, value = f"layers[{unit['layer']}].{unit['unit']}.{key}", (entry.get(unit["unit"]) or {}).get(key)
+            need_number(where, field, value)
+
+
+def format_record(fmt: QuantFormat) -> dict:
+    return {"bits": fmt.bits, "group_size": fmt.group_size, "symmetric": fmt.symmetric}
+
+
+def plan_quantization(quantize: Quantize, analysis: dict) -> dict:
+    """Bit width of every decoder linear: the exact knapsack optimum under the budget."""
+    inventory = analysis[RECORD]
+    widths = list(quantize.bits)
+    check_group_size(quantize, inventory)
+    units = allocation_units(inventory["linears"], quantize.granularity)
+    exact, pinned = protected_outliers(quantize, analysis, {lin["name"] for lin in inventory["linears"]})
+    sensitivity = None
+    if quantize.allocate == "sensitivity":
+        measured = inventory.get("sensitivity") or {}
+        wanted = sensitivity_key(quantize)
+        if {k: measured.get(k) for k in wanted} != wanted or not set(widths) <= set(measured.get("bits", [])):
+            raise MissingRecord("quantization", f"the quantization sensitivity for these settings ({wanted}, bits "
+                                                f"{widths})")
+        sensitivity = measured["scores"]
+    check_costs_recorded(quantize, analysis, units, widths, sensitivity)
+    costs = option_costs(units, widths, quantize.allocate, analysis["layers"], sensitivity)
+    items = []
+    for unit, unit_costs in zip(units, costs):
+        options = [(unit_bytes(unit, recipe_format(quantize, b)), c) for b, c in zip(widths, unit_costs)]
+        items.append(options[-1:] if unit["layer"] in pinned else options)
+    vocab, hidden = inventory["embedding_shape"]
+    if quantize.embeddings == "keep":
+        embedding = {"bits": "keep", "bytes": vocab * hidden * 4}
+    else:
+        fmt = recipe_format(quantize, quantize.embeddings)
+        embedding = dict(format_record(fmt), bytes=stored_bytes(vocab, hidden, fmt))
+    fixed = inventory["other_tensor_bytes"] + embedding["bytes"] + exact_bytes(len(exact))
+    weights = sum(u["weights"] for u in units)
+    if quantize.budget.avg_bits is not None:
+        capacity = math.floor(quantize.budget.avg_bits * weights / 8)
+    else:
+        capacity = quantize.budget.bytes - fixed
+    solution = solve_knapsack(items, capacity)
+    if solution is None:
+        smallest = sum(min(size for size, _ in options) for options in items)
+        if quantize.budget.avg_bits is not None:
+            raise CompressorError(
+                f"quantize.budget.avg_bits: {quantize.budget.avg_bits} is below the smallest feasible "
+                f"{math.ceil(8000 * smallest / weights) / 1000:.3f} bits per weight for widths {widths} with group size "
+                f"{quantize.group_size} (scales included) and the pinned layers")
+        raise CompressorError(
+            f"quantize.budget.bytes: {quantize.budget.bytes} is below the smallest feasible {smallest + fixed} bytes "
+            f"for widths {widths} with group size {quantize.group_size}, embedding {quantize.embeddings} "
+            f"and the pinned layers")
+    choices, used, total_cost = solution
+    unit_records, linears = [], {}
+    for unit, options, unit_costs, choice in zip(units, items, costs, choices):
+        bits = widths[-1] if unit["layer"] in pinned else widths[choice]
+        fmt = recipe_format(quantize, bits)
+        unit_records.append({"key": unit["key"], "layer": unit["layer"], "unit": unit["unit"], "bits": bits,
+                             "bytes": options[choice][0], "weights": unit["weights"],
+                             "pinned": pinned.get(unit["layer"]),
+                             "costs": {str(b): c for b, c in zip(widths, unit_costs)}})
+        for name in unit["linears"]:
+            linears[name] = format_record(fmt)
+    return {
+        "method": quantize.method, "damp": quantize.damp, "act_order": quantize.act_order,
+        "hessian_tokens": quantize.hessian_tokens,
+        "allocate": quantize.allocate, "granularity": quantize.granularity, "widths": widths,
+        "budget": {"requested": quantize.budget.model_dump(exclude_none=True), "capacity_bytes": capacity,
+                   "used_bytes": used, "avg_bits": 8 * used / weights, "summed_cost": total_cost},
+        "predicted_tensor_bytes": fixed + used,
+        "embedding": embedding, "exact_weights": exact, "units": unit_records, "linears": linears,
+    }
+
+
+def decide(recipe: Recipe, analysis: dict, plan: dict) -> dict:
+    if analysis.get(RECORD) is None:
+        raise MissingRecord("quantization", "the inventory of quantizable tensors (and their sensitivity)")
+    decisions = copy.deepcopy(plan["layers"])
+    check_measured_after_removal(analysis[RECORD], decisions)
+    part = dict(plan_quantization(recipe.quantize, analysis), calibration=recipe.calibration.model_dump())
+    for unit in part["units"]:
+        kinds = UNIT_KINDS if unit["unit"] is None else (unit["unit"],)
+        bits = decisions[unit["layer"]].setdefault("bits", {})
+        bits.update({kind: unit["bits"] for kind in kinds if decisions[unit["layer"]][kind] == "keep"})
+    return {PART: part, "layers": decisions}
+
+
+# --- apply --------------------------------------------------------------------------------------
+
+def apply(model, plan: dict, run: Run, record=None) -> Applied:
+    """Quantizes `model` in place as the plan says; the codes are module name -> QuantizedWeight."""
+    spec = plan.get(PART)
+    if not spec:
+        return Applied(model)
+    formats = {name: QuantFormat(r["bits"], r["group_size"], r["symmetric"]) for name, r in spec["linears"].items()}
+    keep_exact = {}
+    for item in spec.get("exact_weights", []):
+        weight = model.get_submodule(item["module"]).weight
+        mask = keep_exact.setdefault(item["module"], torch.zeros(weight.shape, dtype=torch.bool))
+        mask[item["row"], item["column"]] = True
+    embedding = spec["embedding"]
+    embedding_format = None if embedding["bits"] == "keep" else QuantFormat(
+        embedding["bits"], embedding["group_size"], embedding["symmetric"])
+    calibration = run.calibration(spec["calibration"]).input_ids if spec["method"] == "gptq" else None
+    codes = quantize_model(model, formats, spec["method"], calibration, batch_size=run.batch_size, damp=spec["damp"],
+                           act_order=spec["act_order"], keep_exact=keep_exact, embedding=embedding_format,
+                           token_weighting=spec.get("hessian_tokens", "equal"), quiet=run.quiet)
+    return Applied(model, codes)
