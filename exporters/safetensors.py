@@ -266,16 +266,3 @@ def read_tokenizer(folder: Path):
     except Exception as exc:  # tokenizers and transformers raise many types for damaged files
         raise CompressorError(f"{folder}: the tokenizer files cannot be read ({type(exc).__name__}: "
                               f"{one_line(exc, 160)})") from None
-
-
-def tensor_bytes(path: str | Path) -> dict[str, int]:
-    """Bytes of every tensor stored in a safetensors file (the data section, header excluded)."""
-    sizes = {}
-    with safe_open(str(path), framework="pt") as handle:
-        for name in handle.keys():
-            sl = handle.get_slice(name)
-            count = 1
-            for d in sl.get_shape():
-                count *= d
-            sizes[name] = count * DTYPE_BYTES[sl.get_dtype()]
-    return sizes
