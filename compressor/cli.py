@@ -16,8 +16,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
+
+from compressor import pipeline
+from compressor.analysis.render import layer_table
+from compressor.artifact import check_destination, read_json, staged_folder
+from compressor.errors import CompressorError, MissingRecord, one_line
+from compressor.models.sources import load_model
+from compressor.plan import load_plan, save_plan
+from compressor.process import quiet_transformers
+from compressor.recipe import Recipe, load_recipe, parse_recipe
+from compressor.report import compare
+from compressor.runtime import load
+from exporters.onnx import DEFAULT_TOLERANCE
 
 SUBCOMMANDS = ("analyze", "plan", "apply", "eval", "report", "select", "export", "verify")
 
@@ -68,8 +81,6 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template first")
         p.add_argument("--positions", action="store_true", help="also print the kept token positions")
     elif command == "export":
-        from exporters.onnx import DEFAULT_TOLERANCE
-
         p.description = "Export an artifact folder to another format (written inside it, e.g. DIR/onnx/)."
         p.add_argument("format", choices=["onnx"], help="the format to write")
         p.add_argument("folder", help="the artifact folder")
@@ -90,16 +101,6 @@ def _log(quiet: bool):
 
 
 def run(argv: list[str]) -> int:
-    from compressor import pipeline
-    from compressor.analysis.render import layer_table
-    from compressor.artifact import read_json, staged_folder
-    from compressor.models.sources import load_model
-    from compressor.errors import MissingRecord
-    from compressor.plan import load_plan, save_plan
-    from compressor.recipe import Recipe, load_recipe, parse_recipe
-    from compressor.process import quiet_transformers
-    from compressor.report import compare
-
     if argv and argv[0] in SUBCOMMANDS:
         command, args = argv[0], _sub_parser(argv[0]).parse_args(argv[1:])
     else:
@@ -118,8 +119,6 @@ def run(argv: list[str]) -> int:
         data["analysis"]["removal_sensitivity"] |= args.sensitivity
         recipe = parse_recipe(data, "command line")  # validates the overrides too
         quiet_transformers()
-        from compressor.artifact import check_destination
-
         check_destination(args.out, args.force)
         with staged_folder(args.out, args.force) as staging:
             loaded = load_model(args.model, quiet=True)
@@ -181,9 +180,6 @@ def run(argv: list[str]) -> int:
 
 
 def _print_selection(args) -> None:
-    from compressor.errors import CompressorError
-    from compressor.runtime import load
-
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
         if not path.is_file():
@@ -220,8 +216,6 @@ def _raise_terminated(signum, frame):
 
 @contextlib.contextmanager
 def _signals_interrupt():
-    import signal
-
     wanted = (signal.SIGTERM, signal.SIGHUP)
     try:
         previous = {s: signal.signal(s, _raise_terminated) for s in wanted}
@@ -236,8 +230,6 @@ def _signals_interrupt():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from compressor.errors import CompressorError, one_line
-
     argv = sys.argv[1:] if argv is None else argv
     try:
         with _signals_interrupt():

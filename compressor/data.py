@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import torch
 
@@ -26,8 +27,6 @@ WIKITEXT_RELATIVE = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 def embedded_text() -> str:
-    from pydoc_data.topics import topics
-
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
@@ -62,7 +61,7 @@ def _load_dataset_text(spec: str) -> str:
     if not name or not split:
         raise CompressorError(f"dataset text {spec!r}: expected hf:NAME[/CONFIG]:SPLIT, e.g. hf:wikitext/wikitext-2-raw-v1:train")
     try:
-        import datasets
+        import datasets  # optional dependency
     except ImportError as exc:
         raise CompressorError("dataset text needs the 'datasets' package: pip install datasets") from exc
     path, _, config = name.partition("/")

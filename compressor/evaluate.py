@@ -11,17 +11,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from compressor.data import evaluation_windows
+from compressor.data import evaluation_windows, load_text
 from compressor.modeling import KVCache
+from compressor.needles import build_cases, even_depths
 from compressor.progress import progress
+from compressor.transforms.sparse_tokens import SparseTokenSettings, full_prefill, greedy_continue, sparse_prefill
 
 
 @torch.no_grad()
@@ -89,10 +93,6 @@ def evaluate_model(model, tokenizer, settings, eval_text: str, folder: str | Pat
 def needle_evaluation(model, tokenizer, needles, eval_text: str, quiet: bool = False) -> dict:
     """Needle accuracy and time to first token with full attention and, when the model has one,
     with its sparse-token filter, on the same cases."""
-    from compressor.data import load_text
-    from compressor.needles import build_cases, even_depths
-    from compressor.transforms.sparse_tokens import SparseTokenSettings
-
     source = eval_text if needles.text == "auto" else needles.text
     cases = build_cases(tokenizer, load_text(source), needles.lengths, even_depths(needles.depths),
                         needles.per_cell, needles.seed)
@@ -114,8 +114,6 @@ def needle_suite(model, tokenizer, cases, settings=None, max_new_tokens: int = 1
                  label: str = "needles") -> list[dict]:
     """Greedy answers to needle cases, with time to first token (prefill, the filter included).
     `settings` is a SparseTokenSettings, or None for full attention."""
-    from compressor.transforms.sparse_tokens import full_prefill, greedy_continue, sparse_prefill
-
     results = []
     for case in progress(cases, label, quiet):
         ids = case.input_ids[None]
@@ -136,8 +134,6 @@ def needle_suite(model, tokenizer, cases, settings=None, max_new_tokens: int = 1
 
 def needle_summary(results: list[dict]) -> dict:
     """Accuracy and median time to first token per length, and accuracy per length x depth."""
-    import statistics
-
     by_length: dict[int, list[dict]] = {}
     for r in results:
         by_length.setdefault(r["length"], []).append(r)
@@ -156,11 +152,10 @@ def needle_summary(results: list[dict]) -> dict:
 
 def needle_grid_png(summaries: dict[str, dict], path: str | Path) -> None:
     """One accuracy grid (length x depth) per variant, side by side."""
-    import matplotlib
+    import matplotlib  # lazy like the optional dependencies: only plotting needs it, and it is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     names = list(summaries)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 3.4), squeeze=False)

@@ -17,6 +17,8 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from compressor.errors import CompressorError
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -539,8 +541,6 @@ def config_with(config: CompressedConfig, **changes) -> CompressedConfig:
 
 def build_with_weights(config: CompressedConfig, state: dict, origin: str) -> CompressedForCausalLM:
     """A model of `config` holding the given tensors (no copy, no random initialization)."""
-    from compressor.errors import CompressorError
-
     with torch.device("meta"):
         model = CompressedForCausalLM(config)
     model.load_state_dict(state, strict=False, assign=True)

@@ -36,6 +36,8 @@ from compressor.report import artifact_report, quantization_summary as summary_o
 from compressor.runtime import load
 from compressor.stages import quantization
 from compressor.stages.run import Applied, Run
+from exporters.onnx import DEFAULT_TOLERANCE, require
+from exporters.onnx.files import DECODER_FILE, SPARSE_FILE
 from exporters.safetensors import read_model, write_model
 
 
@@ -171,9 +173,7 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
     out = check_destination(out or Path("out") / recipe.name, force)
     check_source_apart(model or recipe.model, out)
     if "onnx" in recipe.export:
-        from exporters.onnx import require  # optional dependency: checked before the analysis, not after it
-
-        require()
+        require()  # the optional ONNX packages: checked before the analysis, not after it
     with staged_folder(out, force) as staging:
         source = model or recipe.model
         log(f"loading model: {source}" + (" (the first use converts the embedded GGUF file: about 20 s)"
@@ -288,11 +288,8 @@ def export_artifact(folder: Path, fmt: str, tolerance: float | None = None, log=
     """Writes an export of an existing artifact folder (inside it); returns the export's folder."""
     if fmt != "onnx":
         raise CompressorError(f"export format {fmt!r} is not supported; allowed: onnx")
-    from exporters.onnx import require
-
     require()
-    from exporters.onnx import DEFAULT_TOLERANCE
-    from exporters.onnx.export import export_artifact as export_onnx
+    from exporters.onnx.export import export_artifact as export_onnx  # optional dependency (imports onnx)
 
     if not (folder / "config.json").is_file():
         raise CompressorError(f"{folder}: not an artifact folder (needs config.json and model.safetensors)")
@@ -347,10 +344,9 @@ def _check_artifact_structure(folder: Path) -> int:
             read_json(folder / name, name)
     onnx_dir = folder / "onnx"
     if onnx_dir.is_dir():
-        from exporters.onnx import require
-
         require()
-        from exporters.onnx.export import DECODER_FILE, SPARSE_FILE
+        # The ONNX code, imported only with an export to check: `import compressor` loads no
+        # exporters.onnx module but the package and its files (tests/test_runtime_backends.py).
         from exporters.onnx.loader import check_files
 
         for graph in (DECODER_FILE, SPARSE_FILE):

@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from compressor.errors import CompressorError, one_line, shorten
 from compressor.models.adapters import ATTENTION_LINEARS, PROJECTIONS
+from compressor.safe_load import RECIPE_MAX_BYTES, read_yaml
 
 # Upper bounds of numeric fields (far above real runs; they stop absurd allocations, not experiments).
 MAX_WINDOWS = 65_536                # calibration / evaluation / search windows, probe cases
@@ -397,8 +398,6 @@ def parse_recipe(data, where: str = "recipe") -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     """A recipe file: at most RECIPE_MAX_BYTES of UTF-8 YAML (see compressor.safe_load), validated."""
-    from compressor.safe_load import RECIPE_MAX_BYTES, read_yaml
-
     return parse_recipe(read_yaml(path, "recipe", RECIPE_MAX_BYTES), str(path))
 
 

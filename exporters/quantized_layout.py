@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import re
 
+import compressed_tensors
 import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+from compressed_tensors.quantization import QuantizationConfig
 
 from compressor.errors import CompressorError
 from compressor.transforms.quantize import QuantFormat, QuantizedWeight
@@ -25,18 +28,11 @@ LAYOUT = "pack-quantized"
 
 
 def compressed_tensors_version() -> str:
-    try:
-        import compressed_tensors
-    except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise CompressorError("quantized artifacts need the 'compressed-tensors' package: "
-                              "pip install compressed-tensors") from exc
     return compressed_tensors.__version__
 
 
 def pack_weight(name: str, quantized: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The tensors stored for one quantized weight; `name` is the module name (no `.weight`)."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
     bits = quantized.fmt.bits
     tensors = {
         f"{name}.weight_packed": pack_to_int32(quantized.codes.contiguous(), bits),
@@ -52,8 +48,6 @@ def pack_weight(name: str, quantized: QuantizedWeight) -> dict[str, torch.Tensor
 
 
 def unpack_weight(name: str, tensors: dict[str, torch.Tensor], fmt: QuantFormat) -> QuantizedWeight:
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
     shape = torch.Size(tensors[f"{name}.weight_shape"].tolist())
     codes = unpack_from_int32(tensors[f"{name}.weight_packed"], fmt.bits, shape)
     scale = tensors[f"{name}.weight_scale"]
@@ -72,8 +66,6 @@ def format_weights_args(fmt: QuantFormat) -> dict:
 
 def quantization_config(formats: dict[str, QuantFormat], ignore: list[str]) -> dict:
     """The `quantization_config` entry of config.json for these module formats."""
-    from compressed_tensors.quantization import QuantizationConfig
-
     by_format: dict[QuantFormat, list[str]] = {}
     for name, fmt in formats.items():
         by_format.setdefault(fmt, []).append(name)
@@ -110,8 +102,6 @@ def packed_shapes(name: str, shape: tuple[int, int], fmt: QuantFormat) -> dict[s
     """The tensors `pack_weight` stores for a weight of `shape` in `fmt`: name -> (shape, kind), kind
     'float' or a safetensors integer dtype (see exporters.safetensors.expected_tensors). Measured by
     packing one zero row and column, so the rule is compressed-tensors' own."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
     rows, columns = shape
     groups = fmt.groups(columns)
     packed_columns = pack_to_int32(torch.zeros(1, columns, dtype=torch.int8), fmt.bits).shape[1]

@@ -9,14 +9,21 @@ stored in the compressed-tensors pack-quantized layout (see `exporters.quantized
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
+from compressor.artifact import read_json
 from compressor.errors import CompressorError, one_line, shorten
+from compressor.modeling import CompressedConfig, CompressedForCausalLM, build_with_weights
+from compressor.models.config_checks import check_artifact_config
+from compressor.transforms.sparse_tokens import SparseTokenSettings, check_settings
 
 MODEL_FILE = "model.safetensors"
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -51,10 +58,8 @@ def _os_errors(folder: Path):
 
 
 def _write_quantized(model, folder: Path, quantized: dict) -> None:
-    import copy
-
-    from safetensors.torch import save_file
-
+    # cycle: exporters.quantized_layout imports compressor.*, so imported first it runs compressor/__init__
+    # -> pipeline -> this module -> exporters.quantized_layout (not yet initialized)
     from exporters.quantized_layout import pack_weight, quantization_config
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -81,7 +86,7 @@ def read_quantized_weights(folder: str | Path, state: dict | None = None, config
     """Module name -> QuantizedWeight (codes, scales, exact weights) of an artifact's packed weights;
     empty when the artifact is not quantized. The ONNX exporter writes these codes as they are.
     `state` and `config`, when the caller has read them already, are used instead of reading again."""
-    from exporters.quantized_layout import formats_from_config, unpack_weight
+    from exporters.quantized_layout import formats_from_config, unpack_weight  # cycle: see _write_quantized
 
     folder = Path(folder)
     config = read_config(folder) if config is None else config
@@ -98,8 +103,6 @@ def read_quantized_weights(folder: str | Path, state: dict | None = None, config
 
 
 def _read_quantized(state: dict, config, folder: Path) -> "torch.nn.Module":
-    from compressor.modeling import build_with_weights
-
     for name, weight in read_quantized_weights(folder, state, config).items():
         for suffix in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
             state.pop(f"{name}.{suffix}", None)
@@ -110,10 +113,6 @@ def _read_quantized(state: dict, config, folder: Path) -> "torch.nn.Module":
 
 def read_config(folder: Path):
     """The artifact's CompressedConfig, after checking config.json (see compressor.models.config_checks)."""
-    from compressor.artifact import read_json
-    from compressor.modeling import CompressedConfig
-    from compressor.models.config_checks import check_artifact_config
-
     path = folder / "config.json"
     data = read_json(path, "config.json")
     if data.get("model_type") != CompressedConfig.model_type:
@@ -131,8 +130,7 @@ def expected_tensors(config) -> tuple[dict[str, tuple[tuple[int, ...], str]], di
     """Every tensor model.safetensors must hold for this config: name -> (shape, kind), where kind is
     'float' (any floating dtype) or a safetensors integer dtype. Quantized modules hold their packed
     tensors instead of `weight`; the second mapping gives their unpacked (out, in) shapes."""
-    from compressor.modeling import CompressedForCausalLM
-    from exporters.quantized_layout import formats_from_config, packed_shapes
+    from exporters.quantized_layout import formats_from_config, packed_shapes  # cycle: see _write_quantized
 
     try:
         with torch.device("meta"):
@@ -218,8 +216,6 @@ def state_shape(state: dict, module: str) -> tuple[int, int]:
 def load_checked(folder: Path, config) -> dict:
     """model.safetensors as tensors, after checking its header against the config: every tensor the
     config implies present with its shape and dtype, nothing unexplained; then every float finite."""
-    from safetensors.torch import load_file
-
     path = folder / MODEL_FILE
     expected, logical = expected_tensors(config)
     try:
@@ -237,8 +233,6 @@ def load_checked(folder: Path, config) -> dict:
 def read_model(folder: str | Path, with_tokenizer: bool = True):
     """The artifact's model (float, eval mode) and tokenizer. Strict: config.json is checked, and the
     weights against it, before the model is built (the manifest is compressor.runtime.load's)."""
-    from compressor.modeling import build_with_weights
-
     folder = Path(folder)
     if not (folder / "config.json").is_file() or not (folder / MODEL_FILE).is_file():
         raise CompressorError(f"{folder}: not an artifact folder (needs config.json and {MODEL_FILE})")
@@ -250,8 +244,6 @@ def read_model(folder: str | Path, with_tokenizer: bool = True):
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         model = build_with_weights(config, state, f"reading {folder}")
     if getattr(config, "sparse_tokens", None):
-        from compressor.transforms.sparse_tokens import SparseTokenSettings, check_settings
-
         where = f"{folder / 'config.json'} sparse_tokens"
         check_settings(SparseTokenSettings.from_dict(config.sparse_tokens, where), config, where)
     tokenizer = read_tokenizer(folder) if with_tokenizer else None
@@ -259,8 +251,6 @@ def read_model(folder: str | Path, with_tokenizer: bool = True):
 
 
 def read_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # tokenizers and transformers raise many types for damaged files

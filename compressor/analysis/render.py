@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+import numpy as np
 
 HEATMAP_METRICS = (
     ("attn redundancy", lambda e: (e["attention"] or {}).get("redundancy")),
@@ -44,13 +47,10 @@ def layer_table(analysis: dict) -> str:
 
 def heatmap(analysis: dict, path: str | Path) -> None:
     """Each metric column is scaled to its own range so that every column is readable."""
-    import math
-
-    import matplotlib
+    import matplotlib  # lazy like the optional dependencies: only plotting needs it, and it is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     layers = analysis["layers"]
     names, columns = [], []

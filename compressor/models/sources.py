@@ -19,8 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from compressor.artifact import read_json
 from compressor.errors import CompressorError, one_line, shorten
+from compressor.manifest import verify_manifest, write_manifest
+from compressor.modeling import CompressedConfig
+from compressor.models.adapters import adapter_for, to_compressed
+from compressor.models.config_checks import check_dimensions, estimated_parameters
+from exporters.safetensors import read_model, read_tokenizer, refuse_non_finite
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -74,26 +82,18 @@ def load_model(source: str | None = None, quiet: bool = False) -> LoadedModel:
 
 
 def _from_transformers(hf_model, tokenizer, info: dict) -> LoadedModel:
-    from compressor.models.adapters import adapter_for, to_compressed
-
     adapter = adapter_for(hf_model.config)
     info = dict(info, architecture=adapter.architecture)
     return LoadedModel(to_compressed(hf_model), tokenizer, info)
 
 
 def _check_supported(raw: dict, source: str):
-    from transformers import PretrainedConfig
-
-    from compressor.models.adapters import adapter_for
-
     adapter_for(PretrainedConfig(**{k: v for k, v in raw.items() if k in ("architectures", "model_type")}))
 
 
 def safetensors_parameters(folder: Path) -> int | None:
     """Parameters stored in a folder's safetensors files (read from their headers only), or None when
     the folder has none (a PyTorch .bin checkpoint)."""
-    from safetensors import safe_open
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
@@ -127,24 +127,13 @@ def check_source_weights(model: torch.nn.Module, loading_info: dict, source: str
     if missing:
         raise CompressorError(f"{source}: weight {missing[0]} is missing{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}"
                               "; config.json and the weights disagree (a layer dropped, or config.json edited)")
-    from exporters.safetensors import refuse_non_finite
-
     refuse_non_finite(model.state_dict(), source, "weight")
 
 
 def _load_folder(path: Path, info: dict) -> LoadedModel:
-    from transformers import AutoModelForCausalLM
-
-    from compressor.artifact import read_json
-    from compressor.modeling import CompressedConfig
-    from compressor.models.config_checks import check_dimensions, estimated_parameters
-
     raw = read_json(path / "config.json", "config.json")
     if raw.get("model_type") == CompressedConfig.model_type:
         # An artifact of this toolkit: keep its block_configs (compress it further).
-        from compressor.manifest import verify_manifest
-        from exporters.safetensors import read_model
-
         verify_manifest(path)
         model, tokenizer = read_model(path)
         return LoadedModel(model, tokenizer, dict(info, architecture=model.config.source_architecture))
@@ -157,8 +146,6 @@ def _load_folder(path: Path, info: dict) -> LoadedModel:
         # Before transformers allocates the model (and fills what is missing with random values).
         raise CompressorError(f"{where} describes a model of at least {implied:,} parameters, but the weights "
                               f"hold {stored:,}; config.json and the weights disagree")
-    from exporters.safetensors import read_tokenizer
-
     tokenizer = read_tokenizer(path)
     try:
         # Mis-shaped weights are reported in loading_info (and refused below, by name).
@@ -172,11 +159,6 @@ def _load_folder(path: Path, info: dict) -> LoadedModel:
 
 
 def _load_gguf(path: Path, quiet: bool, info: dict) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from compressor.models.adapters import adapter_for
-    from compressor.models.config_checks import check_dimensions
-
     quiet_output = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
     try:
         with quiet_output:
@@ -197,11 +179,6 @@ def _load_gguf(path: Path, quiet: bool, info: dict) -> LoadedModel:
 
 
 def _load_hub(model_id: str) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from compressor.models.adapters import adapter_for
-    from compressor.models.config_checks import check_dimensions
-
     try:
         config = AutoConfig.from_pretrained(model_id)
     except OSError as exc:
@@ -222,9 +199,6 @@ def _load_hub(model_id: str) -> LoadedModel:
 def _load_embedded(quiet: bool) -> LoadedModel:
     """The embedded model from its cached float conversion, converting the GGUF on first use. The
     cache carries a manifest like an artifact; a damaged cache is converted again, not used."""
-    from compressor.manifest import verify_manifest, write_manifest
-    from exporters.safetensors import read_model
-
     gguf = embedded_gguf_path()
     cached = cache_dir() / f"{EMBEDDED_NAME}-{gguf.stat().st_size}"
     info = {"source": EMBEDDED, "kind": "embedded", "name": EMBEDDED_NAME, "architecture": "LlamaForCausalLM"}

@@ -43,7 +43,7 @@ def choose_providers(available: list[str], requested: list[str] | None = None) -
 
 
 def _graph_optimization(level: str):
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional dependency
 
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -57,7 +57,7 @@ def _graph_optimization(level: str):
 def session_options(threads: int | None = None, optimization: str = "all", matmul_accuracy: str = "fp32"):
     """ONNX Runtime session options: intra-op threads (None: its default), graph optimization level,
     and the compute of fused DequantizeLinear -> MatMul (see MATMUL_ACCURACY)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional dependency
 
     options = ort.SessionOptions()
     options.graph_optimization_level = _graph_optimization(optimization)
@@ -74,7 +74,7 @@ def session_options(threads: int | None = None, optimization: str = "all", matmu
 def check_files(onnx_dir: Path, graph: str):
     """One clear error for a missing graph, an unreadable one, or missing / short external data;
     returns the graph (without its external data)."""
-    import onnx
+    import onnx  # optional dependency
 
     path = onnx_dir / graph
     if not path.is_file():
@@ -113,7 +113,7 @@ def check_files(onnx_dir: Path, graph: str):
 
 
 def _has_int8_codes(proto) -> bool:
-    import onnx
+    import onnx  # optional dependency
 
     return any(t.data_type == onnx.TensorProto.INT8 and t.name.endswith(".weight_codes") for t in proto.graph.initializer)
 
@@ -121,9 +121,9 @@ def _has_int8_codes(proto) -> bool:
 def _split_8bit_graph(path: Path) -> bytes | None:
     """The graph with its 8-bit weights as 4-bit halves (exporters.onnx.int8_split), serialized; None
     when it would pass protobuf's 2 GB limit (then the session reads the file as it is)."""
-    import onnx
+    import onnx  # optional dependency
 
-    from exporters.onnx.int8_split import TWO_GB, split_int8_matmuls
+    from exporters.onnx.int8_split import TWO_GB, split_int8_matmuls  # optional dependency: imports onnx
 
     proto = onnx.load(str(path))
     if not split_int8_matmuls(proto):
@@ -150,7 +150,7 @@ class OnnxState:
 class OnnxDecoder:
     def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
                  optimization: str = "all", matmul_accuracy: str = "fp32", graph: str = DECODER_FILE):
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional dependency
 
         self.folder = Path(onnx_dir)
         self._graphs = {graph: check_files(self.folder, graph)}
@@ -171,7 +171,7 @@ class OnnxDecoder:
             self.kv_heads, self.head_dim = shape[1], shape[3]
 
     def _session(self, graph: str, options):
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional dependency
 
         source = str(self.folder / graph)
         if self.split_8bit and CPU in self.providers[:1] and _has_int8_codes(self._graphs[graph]):
