@@ -24,6 +24,8 @@ from compressor.errors import CompressorError, one_line, shorten
 from compressor.modeling import CompressedConfig, CompressedForCausalLM, build_with_weights
 from compressor.models.config_checks import check_artifact_config
 from compressor.transforms.sparse_tokens import SparseTokenSettings, check_settings
+from exporters.quantized_layout import (formats_from_config, pack_weight, packed_shapes, quantization_config,
+                                        unpack_weight)
 
 MODEL_FILE = "model.safetensors"
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -58,10 +60,6 @@ def _os_errors(folder: Path):
 
 
 def _write_quantized(model, folder: Path, quantized: dict) -> None:
-    # cycle: exporters.quantized_layout imports compressor.*, so imported first it runs compressor/__init__
-    # -> pipeline -> this module -> exporters.quantized_layout (not yet initialized)
-    from exporters.quantized_layout import pack_weight, quantization_config
-
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     exact = {}
@@ -86,7 +84,6 @@ def read_quantized_weights(folder: str | Path, state: dict | None = None, config
     """Module name -> QuantizedWeight (codes, scales, exact weights) of an artifact's packed weights;
     empty when the artifact is not quantized. The ONNX exporter writes these codes as they are.
     `state` and `config`, when the caller has read them already, are used instead of reading again."""
-    from exporters.quantized_layout import formats_from_config, unpack_weight  # cycle: see _write_quantized
 
     folder = Path(folder)
     config = read_config(folder) if config is None else config
@@ -130,7 +127,6 @@ def expected_tensors(config) -> tuple[dict[str, tuple[tuple[int, ...], str]], di
     """Every tensor model.safetensors must hold for this config: name -> (shape, kind), where kind is
     'float' (any floating dtype) or a safetensors integer dtype. Quantized modules hold their packed
     tensors instead of `weight`; the second mapping gives their unpacked (out, in) shapes."""
-    from exporters.quantized_layout import formats_from_config, packed_shapes  # cycle: see _write_quantized
 
     try:
         with torch.device("meta"):

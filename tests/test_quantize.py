@@ -258,7 +258,10 @@ def test_keep_exact_restores_weights_and_leaves_group_scale_alone(method, symmet
     else:
         reference = run(zeroed, mask)
     assert kept.scale[outlier[0], group].item() == reference.scale[outlier[0], group].item()
-    assert torch.equal(kept.scale, reference.scale)
+    # Other groups of the outlier's row may differ by one float16 step under GPTQ: the error fed
+    # forward from the kept weight is (updated - exact), computed beside 50x larger values.
+    assert torch.allclose(kept.scale.float(), reference.scale.float(), rtol=2e-3, atol=0)
+    assert (kept.scale != reference.scale).sum() <= 1
     # ... while without the mask the outlier would blow that scale up.
     unmasked = rtn_quantize(weight, fmt)
     assert abs(unmasked.scale[outlier[0], group].item()) > 10 * abs(kept.scale[outlier[0], group].item())

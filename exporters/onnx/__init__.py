@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 
+from compressor.errors import CompressorError
+
 REQUIRED = ("onnx", "onnxscript", "onnxruntime")  # what the export needs
 RUNTIME_REQUIRED = ("onnx", "onnxruntime")  # what loading an export needs
 DEFAULT_TOLERANCE = 1e-3  # max |logit difference| allowed at export (fp32 graphs match to ~1e-5 .. 1e-4)
@@ -21,10 +23,6 @@ def missing(packages: tuple[str, ...]) -> list[str]:
 
 def require(packages: tuple[str, ...] = REQUIRED, what: str = "ONNX export") -> None:
     """One clear error, before any work, when the packages `what` needs are missing."""
-    # Here, not at the top: importing compressor runs compressor/__init__, which imports
-    # compressor.runtime, which imports this package (a cycle when this package is imported first).
-    from compressor.errors import CompressorError
-
     absent = missing(packages)
     if absent:
         raise CompressorError(f"{what} needs {', '.join(absent)}: pip install 'compressor[onnx]' "
