@@ -12,7 +12,7 @@ ONNX_EXTRA ?= onnx
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
 
-.PHONY: setup demo test test-oldest-transformers bench clean
+.PHONY: setup demo lint test test-fast test-oldest-transformers bench clean
 
 # The oldest transformers that pyproject.toml allows, for the checks that depend on its API
 # (tests/test_hf_generate.py: the cache keyword and output field of generate()). It goes into a
@@ -39,10 +39,21 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/compress --recipe recipes/balanced.yaml --force
 
-# The suite, then transformers' generate() tests again under the oldest transformers allowed.
-test: $(STAMP)
+# Static checks: ruff (pyflakes and pycodestyle's error rules, [tool.ruff] in pyproject.toml) and
+# import-linter (the layering of the packages, [tool.importlinter] in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+# The lint step, the suite, then transformers' generate() tests again under the oldest transformers
+# allowed.
+test: lint
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-oldest-transformers
+
+# The suite without the integration tests (those that run the real embedded model).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
 
 $(OLDEST_DIR)/.installed: $(STAMP) Makefile
 	rm -rf $(OLDEST_DIR)
@@ -64,4 +75,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.onnx
 
 clean:
-	rm -rf $(VENV) .venv-oldest out .pytest_cache
+	rm -rf $(VENV) .venv-oldest out .pytest_cache .ruff_cache .import_linter_cache

@@ -31,9 +31,11 @@ from bench.common import RESULTS, command_line, machine, write_results
 from compressor.data import default_evaluation_text, evaluation_windows
 from compressor.evaluate import perplexity
 from compressor.models.sources import load_model
-from compressor.pipeline import analyze, apply_quantization, compress, quiet_transformers
-from compressor.plan import make_plan
+from compressor.pipeline import analyze, compress, make_plan
+from compressor.process import quiet_transformers
 from compressor.recipe import parse_recipe
+from compressor.stages import quantization
+from compressor.stages.run import Run
 from exporters.safetensors import MODEL_FILE, write_model
 
 RECIPES = ("balanced", "quantize-only", "small")
@@ -51,7 +53,7 @@ def measured_row(name: str, kind: str, source, recipe, analysis, windows, starte
     """Plans `recipe` on `analysis`, quantizes a fresh copy of the source, saves it and scores it."""
     plan = make_plan(recipe, analysis)
     model = copy.deepcopy(source.model)
-    quantized = apply_quantization(model, source.tokenizer, plan, quiet=True)
+    quantized = quantization.apply(model, plan, Run(source.tokenizer, quiet=True)).codes
     seconds = time.perf_counter() - started
     spec = plan["quantization"]
     return {"name": name, "kind": kind, "bytes": file_size(model, quantized), "perplexity": perplexity(model, windows, True),

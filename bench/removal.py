@@ -19,10 +19,11 @@ from bench.common import command_line, machine, write_results
 from compressor.data import calibration_windows, default_evaluation_text
 from compressor.evaluate import evaluate_model
 from compressor.models.sources import load_model
-from compressor.pipeline import analyze, quiet_transformers, removal_search
-from compressor.plan import make_plan
+from compressor.pipeline import analyze, make_plan
+from compressor.process import quiet_transformers
 from compressor.recipe import parse_recipe
 from compressor.report import markdown_table
+from compressor.stages.removal import greedy_search
 from compressor.transforms.prune import remove_units
 from exporters.safetensors import write_model
 
@@ -82,8 +83,8 @@ def main() -> None:
                     largest = {"attention": 8} if kind == "attention" else budget
                     wide = parse_recipe(dict(base, remove=removal | largest))
                     started = time.perf_counter()
-                    found = removal_search(loaded.model, analysis, wide.remove, search_windows,
-                                           recipe.analysis.batch_size, quiet=False)
+                    found = greedy_search(loaded.model, analysis, wide.remove, search_windows,
+                                          recipe.analysis.batch_size, quiet=False)
                     found["seconds"] = time.perf_counter() - started
                     analysis["removal_searches"].append(found)
                     searches[(method, kind)] = found

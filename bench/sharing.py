@@ -26,15 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from bench.common import command_line, machine, write_results
 from compressor.analysis.sharing import sharing_analysis
 from compressor.data import calibration_windows, default_evaluation_text, evaluation_windows
 from compressor.evaluate import parameter_count, perplexity, speed
 from compressor.models.sources import load_model
-from compressor.pipeline import quiet_transformers
-from compressor.plan import plan_sharing, shared_groups
+from compressor.process import quiet_transformers
 from compressor.recipe import Calibration, Share
+from compressor.stages.sharing import plan_sharing, shared_groups
 from compressor.transforms.share import ATTENTION_PROJECTIONS, PROJECTIONS, input_second_moments, share_weights
 from exporters.safetensors import MODEL_FILE, write_model
 
@@ -92,7 +91,7 @@ def main() -> None:
             if key not in records:
                 records[key] = sharing_analysis(model, share, calibration, cal, 4, quiet=True, moments=moments)[0]
             record = records[key]
-            spec = plan_sharing(share, {"sharing": record})
+            spec = plan_sharing(share, record)
             shared = share_weights(model, shared_groups({"sharing": spec}), fit, moments, quiet=True)
             fit_seconds = time.perf_counter() - t0
             row = measure(shared, tokenizer, eval_windows, prompt, new_tokens, repeats)

@@ -26,13 +26,14 @@ import torch
 import yaml
 
 from bench.common import RESULTS, command_line, machine, write_results
-from compressor.analysis.filter_probe import choose_filter_layer, filter_layer_probe
+from compressor.analysis.filter_probe import filter_layer_probe
 from compressor.data import default_evaluation_text, load_text
 from compressor.evaluate import needle_grid_png, needle_suite, needle_summary
 from compressor.models.sources import load_model
 from compressor.needles import build_cases, even_depths
-from compressor.pipeline import quiet_transformers
+from compressor.process import quiet_transformers
 from compressor.recipe import parse_recipe
+from compressor.stages.sparse_tokens import choose_filter_layer
 from compressor.transforms.sparse_tokens import METHODS, SparseTokenSettings
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "long-context.yaml"

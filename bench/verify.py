@@ -24,7 +24,9 @@ def _build(root: Path) -> dict[str, Path]:
     import compressor  # noqa: F401  (registers the model class)
     from compressor.manifest import write_manifest
     from compressor.models.sources import load_model
-    from compressor.pipeline import apply_quantization, quiet_transformers
+    from compressor.process import quiet_transformers
+    from compressor.stages import quantization
+    from compressor.stages.run import Run
     from exporters.onnx.export import export_artifact
     from exporters.safetensors import write_model
 
@@ -39,7 +41,7 @@ def _build(root: Path) -> dict[str, Path]:
                                              "symmetric": True} for n in names},
                              "exact_weights": [], "embedding": {"bits": 8, "group_size": 64, "symmetric": True},
                              "method": "rtn", "damp": 0.1, "act_order": True}}
-    quantized = apply_quantization(loaded.model, loaded.tokenizer, spec, quiet=True)
+    quantized = quantization.apply(loaded.model, spec, Run(loaded.tokenizer, quiet=True)).codes
     rtn = root / "rtn-4-8bit-onnx"
     write_model(loaded.model, loaded.tokenizer, rtn, quantized)
     export_artifact(rtn, log=lambda *a: None)
