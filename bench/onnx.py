@@ -36,7 +36,7 @@ import yaml
 from bench.common import command_line, machine, write_results
 from bench.onnx_peers import build_peers, onnx_perplexity, size_on_disk
 from compressor.data import default_evaluation_text, embedded_text, evaluation_windows, load_text
-from compressor.models.sources import load_model
+from compressor.sources import load_model
 from compressor.pipeline import compress
 from compressor.process import quiet_transformers
 from compressor.recipe import parse_recipe

@@ -126,7 +126,7 @@ def main() -> None:
     import tempfile
 
     from compressor.data import default_evaluation_text, evaluation_windows
-    from compressor.models.sources import load_model
+    from compressor.sources import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")

@@ -30,7 +30,7 @@ import yaml
 from bench.common import RESULTS, command_line, machine, write_results
 from compressor.data import default_evaluation_text, evaluation_windows
 from compressor.evaluate import perplexity
-from compressor.models.sources import load_model
+from compressor.sources import load_model
 from compressor.pipeline import analyze, compress, make_plan
 from compressor.process import quiet_transformers
 from compressor.recipe import parse_recipe

@@ -18,7 +18,7 @@ import time
 from bench.common import command_line, machine, write_results
 from compressor.data import calibration_windows, default_evaluation_text
 from compressor.evaluate import evaluate_model
-from compressor.models.sources import load_model
+from compressor.sources import load_model
 from compressor.pipeline import analyze, make_plan
 from compressor.process import quiet_transformers
 from compressor.recipe import parse_recipe

@@ -30,7 +30,7 @@ from bench.common import command_line, machine, write_results
 from compressor.analysis.sharing import sharing_analysis
 from compressor.data import calibration_windows, default_evaluation_text, evaluation_windows
 from compressor.evaluate import parameter_count, perplexity, speed
-from compressor.models.sources import load_model
+from compressor.sources import load_model
 from compressor.process import quiet_transformers
 from compressor.recipe import Calibration, Share
 from compressor.stages.sharing import plan_sharing, shared_groups

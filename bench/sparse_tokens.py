@@ -29,7 +29,7 @@ from bench.common import RESULTS, command_line, machine, write_results
 from compressor.analysis.filter_probe import filter_layer_probe
 from compressor.data import default_evaluation_text, load_text
 from compressor.evaluate import needle_grid_png, needle_suite, needle_summary
-from compressor.models.sources import load_model
+from compressor.sources import load_model
 from compressor.needles import build_cases, even_depths
 from compressor.process import quiet_transformers
 from compressor.recipe import parse_recipe

@@ -23,7 +23,7 @@ from bench.common import command_line, machine, write_results
 def _build(root: Path) -> dict[str, Path]:
     import compressor  # noqa: F401  (registers the model class)
     from compressor.manifest import write_manifest
-    from compressor.models.sources import load_model
+    from compressor.sources import load_model
     from compressor.process import quiet_transformers
     from compressor.stages import quantization
     from compressor.stages.run import Run

@@ -24,7 +24,7 @@ from compressor import pipeline
 from compressor.analysis.render import layer_table
 from compressor.artifact import check_destination, read_json, staged_folder
 from compressor.errors import CompressorError, MissingRecord, one_line
-from compressor.models.sources import load_model
+from compressor.sources import load_model
 from compressor.plan import load_plan, save_plan
 from compressor.process import quiet_transformers
 from compressor.recipe import Recipe, load_recipe, parse_recipe

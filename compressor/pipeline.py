@@ -28,7 +28,7 @@ from compressor.data import default_evaluation_text
 from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model
 from compressor.manifest import verify_manifest
-from compressor.models.sources import LoadedModel, load_model
+from compressor.sources import LoadedModel, load_model
 from compressor.plan import ANALYSIS_FORMAT, check_plan_for_model, empty_plan, validate_analysis
 from compressor.process import peak_rss_mb, quiet_transformers
 from compressor.recipe import Recipe, check_name, load_recipe, recipe_yaml

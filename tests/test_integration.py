@@ -12,7 +12,7 @@ import transformers
 import compressor
 from compressor.data import WIKITEXT_RELATIVE, default_evaluation_text, evaluation_windows
 from compressor.evaluate import perplexity
-from compressor.models.sources import load_model
+from compressor.sources import load_model
 from compressor.pipeline import compress
 from compressor.process import quiet_transformers
 from compressor.recipe import parse_recipe

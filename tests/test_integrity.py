@@ -416,7 +416,7 @@ def test_source_tokenizer_damaged(tiny_model_folder, tmp_path, capsys):
 
 
 def test_gguf_cut_short(tmp_path, capsys):
-    from compressor.models.sources import embedded_gguf_path
+    from compressor.sources import embedded_gguf_path
 
     try:
         gguf = embedded_gguf_path()

@@ -14,7 +14,7 @@ import transformers
 from compressor.errors import CompressorError
 from compressor.modeling import CompressedConfig, CompressedForCausalLM, KVCache
 from compressor.models.adapters import SUPPORTED_ARCHITECTURES, adapter_for, to_compressed
-from compressor.models.sources import load_model
+from compressor.sources import load_model
 from compressor.transforms.prune import remove_units
 from conftest import FAMILIES, build_tiny_hf_model
 

@@ -14,7 +14,7 @@ import torch
 
 import compressor
 from compressor.cli import main as cli_main
-from compressor.models.sources import load_model
+from compressor.sources import load_model
 from compressor.pipeline import apply_plan_to_source, compress
 from compressor.plan import load_plan
 from compressor.recipe import parse_recipe

@@ -169,7 +169,7 @@ def layer2_hessians(one_torch_thread):
     """Weights and input Hessians (X^T X / n) of layer 2's q_proj and down_proj, from 8 calibration
     windows of 256 tokens run through layers 0 and 1."""
     from compressor.data import calibration_windows
-    from compressor.models.sources import load_model
+    from compressor.sources import load_model
     from compressor.transforms.quantize_model import accumulate_hessians, embedded_inputs, run_layer
 
     loaded = load_model("embedded", quiet=True)

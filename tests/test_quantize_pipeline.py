@@ -26,7 +26,7 @@ import compressor
 import exporters.safetensors as safetensors_exporter
 from compressor import pipeline
 from compressor.errors import CompressorError
-from compressor.models.sources import load_model
+from compressor.sources import load_model
 from compressor.pipeline import analyze, compress, make_plan
 from compressor.stages import quantization
 from compressor.stages.run import Run

@@ -136,7 +136,7 @@ def test_cli_select_prints_the_kept_text(artifacts, tokenizer, tmp_path, capsys)
 
 def test_sparse_tokens_true_on_an_artifact_without_a_filter_is_an_error(tiny_model_folder, tmp_path):
     from compressor.runtime import Artifact
-    from compressor.models.sources import load_model
+    from compressor.sources import load_model
 
     loaded = load_model(str(tiny_model_folder["llama"]), quiet=True)
     art = Artifact(tmp_path, loaded.model, loaded.tokenizer)
