@@ -26,8 +26,7 @@ class MissingRecord(CompressorError):
     def __init__(self, stage: str, what: str, where: str = "analysis",
                  command: str = "compress analyze --recipe RECIPE --model SOURCE --out DIR"):
         self.stage, self.what = stage, what
-        super().__init__(f"{where}: no record of the {stage} stage ({what}); measure it with `{command}` "
-                         "and plan from that analysis")
+        super().__init__(f"{where}: no record of the {stage} stage ({what}); measure it: {command}")
 
     def naming(self, where: str, command: str) -> "MissingRecord":
         """The same error naming the analysis file and the exact command that measures the record."""

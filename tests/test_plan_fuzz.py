@@ -386,4 +386,6 @@ def test_fuzzed_analyses_give_a_plan_or_one_clean_error(base, capsys, tmp_path):
                                                                  "--out", tmp_path / "p.json"])
     assert "format is 'compressor-plan/1'; allowed: 'compressor-analysis/1'" in line
     tally.report(capsys)
-    assert tally.successes >= 5 and tally.errors >= 40
+    # Few edits leave a plannable analysis: one that drops a stage's record is an error now (the
+    # stage is named), not a plan silently missing that section.
+    assert tally.successes >= 1 and tally.errors >= 40

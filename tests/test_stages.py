@@ -48,8 +48,8 @@ MISSING = {
     "removal": ({"remove": {"method": "finercut", "any": 2}}, "a finercut search"),
     "sparse_tokens": ({"sparse_tokens": {"filter_layer": "auto", "keep_tokens": 64, "keep_last": 8,
                                          "probe": {"tokens": 128}}}, "the filter-layer probe"),
-    "sharing": ({"share": SHARE}, "the sharing analysis"),
-    "quantization": ({"quantize": QUANTIZE}, "the inventory of quantizable tensors"),
+    "sharing": ({"share": SHARE}, "sharing analysis for these settings"),
+    "quantization": ({"quantize": QUANTIZE}, "inventory of quantizable tensors"),
 }
 
 

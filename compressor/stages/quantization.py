@@ -134,8 +134,8 @@ def plan_quantization(quantize: Quantize, analysis: dict) -> dict:
         measured = inventory.get("sensitivity") or {}
         wanted = sensitivity_key(quantize)
         if {k: measured.get(k) for k in wanted} != wanted or not set(widths) <= set(measured.get("bits", [])):
-            raise MissingRecord("quantization", f"the quantization sensitivity for these settings ({wanted}, bits "
-                                                f"{widths})")
+            raise MissingRecord("quantization", f"the quantization sensitivity for this recipe's method, group "
+                                                f"size and widths {widths}")
         sensitivity = measured["scores"]
     check_costs_recorded(quantize, analysis, units, widths, sensitivity)
     costs = option_costs(units, widths, quantize.allocate, analysis["layers"], sensitivity)
@@ -191,7 +191,7 @@ def plan_quantization(quantize: Quantize, analysis: dict) -> dict:
 
 def decide(recipe: Recipe, analysis: dict, plan: dict) -> dict:
     if analysis.get(RECORD) is None:
-        raise MissingRecord("quantization", "the inventory of quantizable tensors (and their sensitivity)")
+        raise MissingRecord("quantization", "inventory of quantizable tensors")
     decisions = copy.deepcopy(plan["layers"])
     check_measured_after_removal(analysis[RECORD], decisions)
     part = dict(plan_quantization(recipe.quantize, analysis), calibration=recipe.calibration.model_dump())

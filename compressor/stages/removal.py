@@ -173,8 +173,8 @@ def decide(recipe: Recipe, analysis: dict, plan: dict) -> dict:
         wanted = search_key(removal, quotas, required)
         search = next((s for s in analysis.get(RECORD, []) if _search_covers(s, wanted)), None)
         if search is None:
-            raise MissingRecord("removal", f"a {removal.method} search for quotas {quotas} and this protect/search "
-                                           "setting")
+            raise MissingRecord("removal", f"a {removal.method} search for this recipe's budgets and protect/search "
+                                           "settings")
         steps = [(s["layer"], s["unit"]) for s in search["order"]]
         chosen = fill_quotas(steps, quotas)
         allowed = set(candidates)

@@ -66,7 +66,7 @@ def check_measured_after_removal(record: dict, decisions: list[dict], where: str
 def decide(recipe: Recipe, analysis: dict, plan: dict) -> dict:
     record = current_record(recipe, analysis)
     if record is None:
-        raise MissingRecord("sharing", "the sharing analysis for these share and calibration settings")
+        raise MissingRecord("sharing", "sharing analysis for these settings")
     decisions = copy.deepcopy(plan["layers"])
     check_measured_after_removal(record, decisions)
     part = dict(plan_sharing(recipe.share, record, recipe.quantize), calibration=recipe.calibration.model_dump())
