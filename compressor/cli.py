@@ -134,7 +134,7 @@ def run(argv: list[str]) -> int:
         except MissingRecord as exc:
             source = (analysis.get("model") or {}).get("source") or "SOURCE"
             raise exc.naming(args.analysis, f"compress analyze --recipe {args.recipe} --model {source} "
-                                            f"--out {Path(args.analysis).parent}") from None
+                                            "--out DIR") from None
         save_plan(plan, args.out)
         removed = (plan.get("removal") or {}).get("removed", [])
         print(f"plan: {len(removed)} units removed -> {args.out}")

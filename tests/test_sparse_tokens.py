@@ -221,6 +221,8 @@ def test_bad_settings_fail_with_one_clear_error(models):
     windowed = to_compressed(build_tiny_hf_model("mistral"))
     with pytest.raises(CompressorError, match="sliding window of 64"):
         check_settings(settings("promptdistill"), windowed.config)
+    from compressor.stages import sparse_tokens as sparse_stage
+    from compressor.stages.run import Run
     from compressor.stages.sparse_tokens import sparse_settings
     from compressor.transforms.prune import remove_units
 
@@ -229,4 +231,4 @@ def test_bad_settings_fail_with_one_clear_error(models):
             "sparse_tokens": dict(settings("gemfilter").as_dict())}
     assert sparse_settings(plan)["filter_layer"] == FILTER_LAYER
     with pytest.raises(CompressorError, match=f"layer {FILTER_LAYER} has no attention unit"):
-        remove_units(model, plan)
+        sparse_stage.apply(remove_units(model, plan), plan, Run(None))

@@ -48,7 +48,7 @@ def decide(recipe: Recipe, analysis: dict, plan: dict) -> dict:
     if sparse.filter_layer == "auto":
         probe = analysis.get(RECORD)
         if probe is None:
-            raise MissingRecord("sparse_tokens", "the filter-layer probe that `filter_layer: auto` reads")
+            raise MissingRecord("sparse_tokens", "the filter-layer probe for filter_layer: auto")
         layer, reason = choose_filter_layer(probe, sparse.probe.min_recall)
         chosen_by = "probe"
     else:
