@@ -78,7 +78,7 @@ def make_plan(recipe: Recipe, analysis: dict, where: str = "analysis") -> dict:
     validate_analysis(recipe, analysis, where)
     plan = empty_plan(recipe.name, analysis)
     for stage in stages.named_by(recipe):
-        decide(stage, recipe, analysis, plan, where)
+        plan.update(stage.decide(recipe, analysis, plan))  # the analysis is whole: checked once above
     return plan
 
 
