@@ -106,6 +106,50 @@ class CompressedConfig(PretrainedConfig):
         return None
 
 
+
+class NemotronNasConfig(CompressedConfig):
+    """config.json in vLLM's Nemotron-NAS (DeciLM) form, which artifacts with removed sub-layers are
+    written in (exporters.config_forms), read as the CompressedConfig it describes.
+
+    Registered for model_type "nemotron-nas" on `import compressor`, so transformers builds this
+    class from such a folder without running the config code shipped in it. A folder of another
+    Nemotron-NAS model (per-layer head counts or MLP widths, linear replacements) is refused by name."""
+
+    model_type = "nemotron-nas"
+
+    def __init__(self, rope_parameters: dict | None = None, rope_scaling: dict | None = None, **kwargs):
+        # The family form's RoPE fields, as compressor.models.adapters reads them from a source.
+        params = dict(rope_parameters or rope_scaling or {})
+        theta = params.pop("rope_theta", None)
+        if theta is not None:
+            kwargs["rope_theta"] = theta
+        if params.get("rope_type", params.get("type", "default")) != "default":
+            kwargs.setdefault("rope_frequency_scaling", params)
+        blocks = kwargs.get("block_configs")
+        if blocks is not None:
+            kwargs["block_configs"] = [_compressor_block(block, i, kwargs) for i, block in enumerate(blocks)]
+        super().__init__(**kwargs)
+
+
+def _compressor_block(block: dict, layer: int, fields: dict) -> dict:
+    """One Nemotron-NAS block_configs entry as the toolkit's {attention: {no_op}, ffn: {no_op}}."""
+    heads = fields.get("num_attention_heads", 1)
+    group = heads // (fields.get("num_key_value_heads") or heads)
+    attention, ffn = block.get("attention") or {}, block.get("ffn") or {}
+    problems = []
+    if attention.get("replace_with_linear") or ffn.get("replace_with_linear"):
+        problems.append("replace_with_linear")
+    if not attention.get("no_op") and attention.get("n_heads_in_group", group) != group:
+        problems.append(f"n_heads_in_group {attention.get('n_heads_in_group')} (the model's is {group})")
+    width = ffn.get("intermediate_size", fields.get("intermediate_size"))
+    if not ffn.get("no_op") and ("ffn_mult" in ffn or width != fields.get("intermediate_size")):
+        problems.append("a per-layer MLP width")
+    if problems:
+        raise ValueError(f"block_configs[{layer}] has {', '.join(problems)}: not a Nemotron-NAS model this toolkit "
+                         "wrote (it builds uniform layers that keep or drop whole units)")
+    return {"attention": {"no_op": attention.get("no_op")}, "ffn": {"no_op": ffn.get("no_op")}}
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -531,6 +575,13 @@ class CompressedForCausalLM(CompressedPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{OUTPUT_CACHE_FIELD: cache if use_cache else None})
+
+
+
+class NemotronNasForCausalLM(CompressedForCausalLM):
+    """The toolkit's model class for a Nemotron-NAS form artifact (AutoModelForCausalLM after `import compressor`)."""
+
+    config_class = NemotronNasConfig
 
 
 def config_with(config: CompressedConfig, **changes) -> CompressedConfig:

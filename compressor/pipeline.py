@@ -28,6 +28,7 @@ from compressor.data import default_evaluation_text
 from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model
 from compressor.manifest import verify_manifest
+from compressor.serving import require_source
 from compressor.sources import LoadedModel, load_model
 from compressor.plan import ANALYSIS_FORMAT, check_plan_for_model, empty_plan, validate_analysis
 from compressor.process import peak_rss_mb, quiet_transformers
@@ -76,7 +77,7 @@ def make_plan(recipe: Recipe, analysis: dict, where: str = "analysis") -> dict:
     """The plan of `recipe` from a saved analysis: the decide steps alone. A stage whose record the
     analysis lacks stops it with MissingRecord (one line naming the stage)."""
     validate_analysis(recipe, analysis, where)
-    plan = empty_plan(recipe.name, analysis)
+    plan = empty_plan(recipe.name, analysis, recipe.serve)
     for stage in stages.named_by(recipe):
         plan.update(stage.decide(recipe, analysis, plan))  # the analysis is whole: checked once above
     return plan
@@ -90,7 +91,7 @@ def run_stages(loaded: LoadedModel, recipe: Recipe, run: Run, log=print, measure
     `before_quantizing(model, plan)` runs once the whole plan is known, before the codes are made."""
     started, rss_before = time.perf_counter(), peak_rss_mb()
     analysis = layer_report(loaded, recipe, run)
-    plan = empty_plan(recipe.name, analysis)
+    plan = empty_plan(recipe.name, analysis, recipe.serve)
     named = stages.named_by(recipe)
     applied = Applied(loaded.model)
     for stage in stages.STAGES:
@@ -152,7 +153,7 @@ def original_metrics(loaded: LoadedModel, recipe: Recipe, quiet: bool) -> dict:
 
 
 def write_report(folder: Path, name: str, metrics: dict, original: dict | None, plan: dict | None) -> dict:
-    report = artifact_report(name, metrics, original, plan)
+    report = artifact_report(name, metrics, original, plan, folder)
     write_json(folder / "report.json", report)
     (folder / "report.md").write_text(report_markdown(report))
     return report
@@ -179,6 +180,7 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
         log(f"loading model: {source}" + (" (the first use converts the embedded GGUF file: about 20 s)"
                                           if source == "embedded" else ""))
         loaded = load_model(source, quiet=True)
+        require_source(loaded.model.config, recipe.serve, recipe.remove is not None)
         require_free_space(staging, smallest_artifact_bytes(loaded.model, recipe), "the smallest artifact this recipe "
                            "can make")
         log(f"analyzing: {recipe.calibration.samples} calibration windows x {recipe.calibration.seq_len} tokens "
@@ -189,7 +191,7 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
             require_free_space(staging, planned_artifact_bytes(model, plan, recipe.export), "this plan's artifact")
 
         analysis, plan, compressed = run_stages(loaded, recipe, run, log, before_quantizing=check_space)
-        write_model(compressed.model, loaded.tokenizer, staging, compressed.codes)
+        write_model(compressed.model, loaded.tokenizer, staging, compressed.codes, recipe.serve)
         if "onnx" in recipe.export:
             from exporters.onnx.export import export_artifact as export_onnx  # optional dependency
 
@@ -279,7 +281,7 @@ def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, 
             require_free_space(staging, planned_artifact_bytes(model, plan, []), "this plan's artifact")
 
         compressed = apply_plan(loaded.model, plan, Run(loaded.tokenizer, quiet=quiet), check_space)
-        write_model(compressed.model, loaded.tokenizer, staging, compressed.codes)
+        write_model(compressed.model, loaded.tokenizer, staging, compressed.codes, plan.get("serve") or [])
         write_json(staging / "plan.json", dict(plan, model=dict(plan.get("model") or {}, source=source)))
     return Path(os.path.abspath(out))
 

@@ -30,6 +30,7 @@ from compressor.modeling import FactoredLinear
 from compressor.recipe import (MAX_BYTES, MAX_LAYERS, MAX_RANK, MAX_UNITS, SPARSE_METHODS, Calibration, Quantize,
                                Recipe, Removal, describe_validation_error, sparse_settings_problem)
 from compressor.safe_load import PLAN_MAX_BYTES, read_json
+from compressor.serving import SERVE_TARGETS
 from compressor.transforms.prune import remove_units
 from compressor.transforms.quantize_model import layer_linears
 from compressor.models.adapters import PROJECTIONS
@@ -42,13 +43,17 @@ UNIT_KINDS = ("attention", "mlp")
 DECISIONS = ("keep", "remove")
 
 
-def empty_plan(recipe_name: str, analysis: dict) -> dict:
-    """The plan before any stage decides: every unit the analysis found kept."""
+def empty_plan(recipe_name: str, analysis: dict, serve: list[str] = ()) -> dict:
+    """The plan before any stage decides: every unit the analysis found kept. `serve`, the recipe's
+    serving targets, is kept in the plan (when there are any) so that applying it checks them."""
     layers = analysis["layers"]
     decisions = [{"layer": e["layer"], "attention": "keep" if e.get("attention") else "absent",
                   "mlp": "keep" if e.get("mlp") else "absent", "notes": ""} for e in layers]
-    return {"format": PLAN_FORMAT, "recipe": recipe_name, "model": analysis.get("model", {}),
+    plan = {"format": PLAN_FORMAT, "recipe": recipe_name, "model": analysis.get("model", {}),
             "num_hidden_layers": len(layers), "removal": None, "layers": decisions}
+    if serve:
+        plan["serve"] = list(serve)
+    return plan
 
 def save_plan(plan: dict, path: str | Path) -> None:
     """Writes plan.json whole or not at all (a temporary sibling renamed into place)."""
@@ -174,6 +179,9 @@ def validate_plan(plan, where: str = "plan") -> dict:
                 raise bad_value(where, f"layers[{i}].{kind}", d.get(kind), "keep, remove, absent")
     if plan.get("model") is not None:
         need_object(where, "model", plan["model"], "an object describing the source model, or null")
+    serve = plan.get("serve")
+    if serve is not None and (not isinstance(serve, list) or not all(t in SERVE_TARGETS for t in serve)):
+        raise bad_value(where, "serve", serve, f"a list of {', '.join(SERVE_TARGETS)}")
     _validate_sparse_tokens(plan, where)
     validate_sharing(plan, where)
     _validate_quantization(plan, where)

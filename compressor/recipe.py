@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from compressor.errors import CompressorError, one_line, shorten
 from compressor.models.adapters import ATTENTION_LINEARS, PROJECTIONS
 from compressor.safe_load import RECIPE_MAX_BYTES, read_yaml
+from compressor.serving import SERVE_TARGETS, VLLM_BITS
 
 # Upper bounds of numeric fields (far above real runs; they stop absurd allocations, not experiments).
 MAX_WINDOWS = 65_536                # calibration / evaluation / search windows, probe cases
@@ -295,6 +296,9 @@ class Recipe(Strict):
     evaluate: Evaluation = Evaluation()
     # model.safetensors is always written (every other format is exported from it); "onnx" adds onnx/.
     export: list[Literal["safetensors", "onnx"]] = Field(["safetensors"], max_length=MAX_LIST)
+    # Serving stacks the artifact must load in without this package (compressor.serving); the recipe
+    # is kept to what they run (see keep_to_serving), or refused.
+    serve: list[Literal[SERVE_TARGETS]] = Field([], max_length=len(SERVE_TARGETS))
 
     @field_validator("name")
     @classmethod
@@ -304,6 +308,52 @@ class Recipe(Strict):
         if (info.context or {}).get("input"):
             check_name(name)
         return name
+
+    @model_validator(mode="after")
+    def servable(self):
+        return keep_to_serving(self)
+
+
+def keep_to_serving(recipe: Recipe) -> Recipe:
+    """A recipe with `serve:` targets, kept to what they load and run: no shared weights or sparse-token
+    filter (toolkit-only), no removal for plain transformers (it has no class for it), symmetric
+    weights, the embedding kept (a quantized one loads in neither), super weights protected by width
+    (`pin`) instead of stored exactly, and for vLLM only the widths it has kernels for. What cannot be
+    kept to raises one error naming the field."""
+    targets = list(dict.fromkeys(recipe.serve))
+    recipe.serve = targets
+    if not targets:
+        return recipe
+    named = f"serve [{', '.join(targets)}]"
+    for section, what in (("share", "shared weights"), ("sparse_tokens", "a sparse-token filter")):
+        if getattr(recipe, section) is not None:
+            raise ValueError(f"{named} cannot be met with a {section} section: {what} load only in this toolkit; "
+                             f"drop {section} or serve")
+    if "transformers" in targets and recipe.remove is not None:
+        raise ValueError(f"{named} cannot be met with a remove section: transformers without this package has no "
+                         "class for a model with removed sub-layers (vLLM serves it: serve: [vllm])")
+    quantize = recipe.quantize
+    if quantize is None:
+        return recipe
+    if not quantize.symmetric:
+        raise ValueError(f"{named} needs quantize.symmetric: true (transformers refuses asymmetric zero points)")
+    if quantize.protect.outliers == "keep":
+        raise ValueError(f"{named} cannot be met with quantize.protect.outliers: keep (weights stored beside the "
+                         "packed matrices, which only this toolkit restores); use pin or auto")
+    if "embeddings" in quantize.model_fields_set and quantize.embeddings != "keep":
+        raise ValueError(f"{named} cannot be met with quantize.embeddings: {quantize.embeddings} (transformers' "
+                         "model classes cannot load a quantized embedding, vLLM's CPU backend cannot run one); "
+                         "use keep")
+    bits = quantize.bits
+    if "vllm" in targets:
+        bits = [b for b in bits if b in VLLM_BITS]
+        if not bits:
+            raise ValueError(f"{named} cannot be met with quantize.bits {quantize.bits}: vLLM has kernels for "
+                             f"{' and '.join(map(str, VLLM_BITS))} bits")
+    outliers = "pin" if quantize.protect.outliers == "auto" else quantize.protect.outliers
+    recipe.quantize = quantize.model_copy(update={
+        "bits": bits, "embeddings": "keep", "protect": quantize.protect.model_copy(update={"outliers": outliers})})
+    return recipe
 
 
 def default(section: type[BaseModel], field: str):

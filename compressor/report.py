@@ -6,6 +6,10 @@ from pathlib import Path
 
 from compressor.artifact import read_json
 from compressor.errors import CompressorError
+from compressor.serving import STACK_TITLES, STACKS, stack_support
+from exporters.config_forms import form_of
+from exporters.onnx.files import DECODER_FILE, ONNX_DIR
+from exporters.safetensors import read_config
 
 COLUMNS = (
     ("variant", lambda n, m: n),
@@ -76,10 +80,35 @@ def sharing_summary(plan: dict | None) -> dict | None:
         "dense_groups": [{"projection": g["projection"], "layers": g["layers"]} for g in spec["groups"] if not g.get("rank")]}
 
 
-def artifact_report(name: str, metrics: dict, original: dict | None, plan: dict | None) -> dict:
+def serving_summary(folder: Path) -> dict:
+    """Which stacks load the artifact in `folder`, from what it holds (compressor.serving): its
+    config.json form, and per stack whether it loads and why not (or what loading takes)."""
+    folder = Path(folder)
+    config = read_config(folder)
+    data = read_json(folder / "config.json", "config.json")
+    form = form_of(data)
+    support = stack_support(config, (folder / ONNX_DIR / DECODER_FILE).is_file(), form)
+    return {"form": form, "architectures": list(data.get("architectures") or []),
+            "stacks": {stack: {"loads": support[stack].loads, "notes": list(support[stack].notes)}
+                       for stack in STACKS}}
+
+
+def serving_lines(serving: dict) -> list[str]:
+    lines = [f"Loads in (config.json in the {serving['form']} form):", "", "| stack | loads |", "|---|---|"]
+    for stack in STACKS:
+        entry = serving["stacks"][stack]
+        verdict = "yes" if entry["loads"] else "no"
+        lines.append(f"| {STACK_TITLES[stack]} | {verdict}{' (' + '; '.join(entry['notes']) + ')' if entry['notes'] else ''} |")
+    return lines
+
+
+def artifact_report(name: str, metrics: dict, original: dict | None, plan: dict | None,
+                    folder: Path | None = None) -> dict:
     removal = (plan or {}).get("removal") or {}
     report = {"name": name, "compressed": metrics, "original": original,
               "removed_units": removal.get("removed", []) if isinstance(removal, dict) else []}
+    if folder is not None:
+        report["serving"] = serving_summary(folder)
     skipped = []
     for section, summary in (("sharing", sharing_summary), ("quantization", quantization_summary),
                              ("sparse_tokens", sparse_tokens_summary)):
@@ -146,6 +175,8 @@ def report_markdown(report: dict) -> str:
         lines += ["", f"Sparse-token filter: {sparse['method']} at layer {sparse['filter_layer']} ({sparse['reason']}); "
                       f"prompts longer than {sparse['keep_tokens']} tokens keep {sparse['keep_tokens']} of them "
                       f"(the first {sparse['keep_first']} and last {sparse['keep_last']} always)."]
+    if report.get("serving"):
+        lines += [""] + serving_lines(report["serving"])
     needles = report["compressed"].get("needles")
     if needles:
         lines += ["", f"Needle in a haystack ({needles['haystack']}, {len(needles['depths'])} depths x "
@@ -155,14 +186,34 @@ def report_markdown(report: dict) -> str:
 
 
 def compare(folders: list[str]) -> str:
-    rows, original = [], None
+    rows, original, names = [], None, []
     for folder in folders:
         report = read_json(Path(folder) / "report.json", "report (run `compress eval` first)")
         if original is None and report.get("original"):
             original = report["original"]
-        rows.append((report.get("name") or Path(folder).name, report["compressed"]))
+        names.append(report.get("name") or Path(folder).name)
+        rows.append((names[-1], report["compressed"]))
     if not rows:
         raise CompressorError("report: give at least one artifact folder")
     if original is not None:
         rows.insert(0, ("original", original))
-    return markdown_table(rows, original) + "\n\n" + evaluation_note(rows[-1][1]) + "\n"
+    return (markdown_table(rows, original) + "\n\n" + evaluation_note(rows[-1][1]) + "\n\n"
+            + serving_table(dict(zip(names, folders))) + "\n")
+
+
+def serving_table(folders: dict[str, str]) -> str:
+    """Which stacks load each artifact (name -> folder), read from the folders as they are now (an
+    ONNX export added after the report was written counts)."""
+    lines = ["| variant | config form | " + " | ".join(STACK_TITLES[s] for s in STACKS) + " |",
+             "|" + "---|" * (len(STACKS) + 2)]
+    notes = []
+    for name, folder in folders.items():
+        serving = serving_summary(Path(folder))
+        cells = []
+        for stack in STACKS:
+            entry = serving["stacks"][stack]
+            cells.append("yes" if entry["loads"] else "no")
+            if entry["notes"]:
+                notes.append(f"- {name}, {STACK_TITLES[stack]}: {'; '.join(entry['notes'])}")
+        lines.append(f"| {name} | {serving['form']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ([""] + notes if notes else []))

@@ -25,9 +25,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from compressor.artifact import read_json
 from compressor.errors import CompressorError, one_line, shorten
 from compressor.manifest import verify_manifest, write_manifest
-from compressor.modeling import CompressedConfig
 from compressor.models.adapters import adapter_for, to_compressed
 from compressor.models.config_checks import check_dimensions, estimated_parameters
+from exporters.config_forms import form_of
 from exporters.safetensors import read_model, read_tokenizer, refuse_non_finite
 
 EMBEDDED = "embedded"
@@ -132,8 +132,8 @@ def check_source_weights(model: torch.nn.Module, loading_info: dict, source: str
 
 def _load_folder(path: Path, info: dict) -> LoadedModel:
     raw = read_json(path / "config.json", "config.json")
-    if raw.get("model_type") == CompressedConfig.model_type:
-        # An artifact of this toolkit: keep its block_configs (compress it further).
+    if form_of(raw) is not None:
+        # An artifact of this toolkit, in any config form: keep its block_configs (compress it further).
         verify_manifest(path)
         model, tokenizer = read_model(path)
         return LoadedModel(model, tokenizer, dict(info, architecture=model.config.source_architecture))

@@ -1,6 +1,9 @@
-"""Safetensors export: config.json (with per-layer block_configs), model.safetensors, tokenizer files.
+"""Safetensors export: config.json, model.safetensors, tokenizer files.
 
-The folder loads with `compressor.load` and, after `import compressor`, with
+config.json takes the most standard form the model allows (exporters.config_forms, chosen by
+compressor.serving): the source family's own class when nothing was removed or shared, the
+Nemotron-NAS form when sub-layers were removed, the toolkit's CompressedForCausalLM otherwise. Every
+form loads with `compressor.load` and, after `import compressor`, with
 `AutoModelForCausalLM.from_pretrained`. A tied embedding is stored once. Quantized weights are
 stored in the compressed-tensors pack-quantized layout (see `exporters.quantized_layout`);
 `read_model` unpacks them itself, so `compressor.load` does not depend on transformers' loader.
@@ -21,9 +24,10 @@ from transformers import AutoTokenizer
 
 from compressor.artifact import read_json
 from compressor.errors import CompressorError, one_line, shorten
-from compressor.modeling import CompressedConfig, CompressedForCausalLM, build_with_weights
-from compressor.models.config_checks import check_artifact_config
+from compressor.serving import require_targets
+from compressor.modeling import CompressedForCausalLM, build_with_weights
 from compressor.transforms.sparse_tokens import SparseTokenSettings, check_settings
+from exporters.config_forms import compressed_config, form_of, write_config
 from exporters.quantized_layout import (formats_from_config, pack_weight, packed_shapes, quantization_config,
                                         unpack_weight)
 
@@ -32,15 +36,20 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def write_model(model, tokenizer, folder: str | Path, quantized: dict | None = None) -> None:
+def write_model(model, tokenizer, folder: str | Path, quantized: dict | None = None, serve=()) -> None:
     """Writes the model; `quantized` (module name -> QuantizedWeight) replaces those weights by their
-    packed codes (the model itself must already hold their dequantized values)."""
+    packed codes (the model itself must already hold their dequantized values). `serve` names the
+    stacks (compressor.serving) that must load the result: anything else is refused before writing."""
     folder = Path(folder)
     with _os_errors(folder):
         if quantized:
-            _write_quantized(model, folder, quantized)
+            _write_quantized(model, folder, quantized, serve)
         else:
+            config = copy.deepcopy(model.config)
+            config.dtype = model.dtype
+            require_targets(config, serve)
             model.save_pretrained(folder, safe_serialization=True)
+            write_config(config, folder)  # the form compressor.serving picks (save_pretrained wrote the toolkit's)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
 
@@ -59,7 +68,7 @@ def _os_errors(folder: Path):
         raise OSError(code, os.strerror(code), str(folder)) from None
 
 
-def _write_quantized(model, folder: Path, quantized: dict) -> None:
+def _write_quantized(model, folder: Path, quantized: dict, serve=()) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     exact = {}
@@ -76,7 +85,7 @@ def _write_quantized(model, folder: Path, quantized: dict) -> None:
     config.exact_weights = exact or None
     ignore = ["lm_head"] if model.lm_head is not None else []
     config.quantization_config = quantization_config({name: q.fmt for name, q in quantized.items()}, ignore)
-    config.save_pretrained(folder)
+    write_config(config, folder, serve)
     save_file(state, str(folder / MODEL_FILE), metadata={"format": "pt"})
 
 
@@ -109,18 +118,15 @@ def _read_quantized(state: dict, config, folder: Path) -> "torch.nn.Module":
 
 
 def read_config(folder: Path):
-    """The artifact's CompressedConfig, after checking config.json (see compressor.models.config_checks)."""
+    """The artifact's CompressedConfig, from config.json in any of its forms, after checking it (see
+    compressor.models.config_checks)."""
     path = folder / "config.json"
     data = read_json(path, "config.json")
-    if data.get("model_type") != CompressedConfig.model_type:
+    if form_of(data) is None:
         raise CompressorError(
-            f"{folder}: config.json model_type is {shorten(data.get('model_type'))}, expected "
-            f"{CompressedConfig.model_type!r} (an artifact written by this toolkit)")
-    check_artifact_config(data, str(path))
-    try:
-        return CompressedConfig.from_pretrained(folder)
-    except (ValueError, TypeError, KeyError, OSError) as exc:
-        raise CompressorError(f"{path}: not a valid artifact config ({one_line(exc, 200)})") from None
+            f"{folder}: config.json model_type is {shorten(data.get('model_type'))} without the toolkit's "
+            f"compressor_artifact key; expected an artifact written by this toolkit")
+    return compressed_config(data, str(path))
 
 
 def expected_tensors(config) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, tuple[int, int]]]:

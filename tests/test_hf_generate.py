@@ -9,7 +9,10 @@ the toolkit's `KVCache`) and of a loop with no cache at all (a full forward per 
 - an unchanged model,
 - models with attention units removed (their cache slots are compact: one per attention layer),
   a Mistral one with its sliding window crossed, and one with no attention left at all,
-- a quantized model (packed 4-bit linears, 8-bit tied embedding).
+- a quantized model (packed 4-bit linears, 8-bit tied embedding), and one with its embedding kept.
+
+Each artifact is written in the form compressor.serving picks, so transformers builds its own class
+for the standard form (LlamaForCausalLM) and the toolkit's for the Nemotron-NAS and toolkit forms.
 
 The CI also runs this file under the oldest transformers the project allows (see the Makefile's
 `test-oldest-transformers`).
@@ -49,17 +52,22 @@ class Variant:
     removed_attention: tuple[int, ...] = ()
     removed_mlp: tuple[int, ...] = ()
     quantized: bool = False
+    embedding_kept: bool = False
     prompt_tokens: int = 16
+    model_class: str = "CompressedForCausalLM"
 
 
 VARIANTS = {
-    "unchanged": Variant("llama"),
-    "attention-removed": Variant("llama", removed_attention=(1, 3), removed_mlp=(4,)),
-    # Untied head, grouped KV heads; the prompt plus new tokens run past the 64-token window.
+    "unchanged": Variant("llama", model_class="LlamaForCausalLM"),
+    "attention-removed": Variant("llama", removed_attention=(1, 3), removed_mlp=(4,),
+                                 model_class="NemotronNasForCausalLM"),
+    # Untied head, grouped KV heads; the prompt plus new tokens run past the 64-token window (which
+    # keeps it in the toolkit's form: vLLM's Nemotron-NAS class has no sliding window).
     "mistral-window-attention-removed": Variant("mistral", removed_attention=(0, 2),
                                                 prompt_tokens=MISTRAL_WINDOW - NEW_TOKENS // 2),
-    "no-attention": Variant("llama", removed_attention=tuple(range(NUM_LAYERS))),
+    "no-attention": Variant("llama", removed_attention=tuple(range(NUM_LAYERS)), model_class="NemotronNasForCausalLM"),
     "quantized": Variant("llama", quantized=True),
+    "quantized-embedding-kept": Variant("llama", quantized=True, embedding_kept=True, model_class="LlamaForCausalLM"),
 }
 
 
@@ -68,13 +76,14 @@ def removal_plan(variant: Variant) -> dict:
                         "mlp": "remove" if i in variant.removed_mlp else "keep"} for i in range(NUM_LAYERS)]}
 
 
-def quantize_all(model) -> dict:
+def quantize_all(model, embedding: bool = True) -> dict:
     """Round-to-nearest: 4-bit groups of 32 for every decoder linear, 8 bits for the embedding."""
     quantized = {}
     for name, module in decoder_linears(model):
         quantized[name] = rtn_quantize(module.weight.data, QuantFormat(4, 32))
         set_weight(module, quantized[name])
-    quantized[EMBEDDING] = quantize_embedding(model, QuantFormat(8, 32))
+    if embedding:
+        quantized[EMBEDDING] = quantize_embedding(model, QuantFormat(8, 32))
     return quantized
 
 
@@ -82,7 +91,8 @@ def write_artifact(variant: Variant, tokenizer, folder: Path) -> Path:
     model = to_compressed(build_tiny_hf_model(variant.family))
     if variant.removed_attention or variant.removed_mlp:
         model = remove_units(model, removal_plan(variant))
-    write_model(model, tokenizer, folder, quantize_all(model) if variant.quantized else None)
+    write_model(model, tokenizer, folder,
+                quantize_all(model, not variant.embedding_kept) if variant.quantized else None)
     write_manifest(folder)  # what compress() writes last; compressor.load checks the files against it
     return folder
 
@@ -106,9 +116,9 @@ def prompt_ids(tokenizer, tokens: int) -> torch.Tensor:
     return torch.tensor([ids])
 
 
-def hf_model(folder: Path):
+def hf_model(folder: Path, model_class: str):
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    assert isinstance(model, compressor.CompressedForCausalLM)
+    assert type(model).__name__ == model_class
     return model
 
 
@@ -133,7 +143,7 @@ def no_cache_greedy(model, ids: torch.Tensor, steps: int = NEW_TOKENS) -> list[i
 def test_generate_equals_toolkit_loop_and_no_cache_loop(artifacts, tokenizer, name):
     folder = artifacts(name)
     ids = prompt_ids(tokenizer, VARIANTS[name].prompt_tokens)
-    model = hf_model(folder)
+    model = hf_model(folder, VARIANTS[name].model_class)
     expected = no_cache_greedy(model, ids)
     assert len(set(expected)) > 1, "degenerate reference: the test would not see a broken cache"
     toolkit = compressor.load(folder).generate_ids(ids, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
@@ -147,7 +157,7 @@ def test_generate_with_a_dynamic_cache_uses_compact_slots(artifacts, tokenizer, 
     attention layers fill slots 0..n-1 and nothing else; the answer is the no-cache one."""
     folder = artifacts(name)
     ids = prompt_ids(tokenizer, VARIANTS[name].prompt_tokens)
-    model = hf_model(folder)
+    model = hf_model(folder, VARIANTS[name].model_class)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
                              eos_token_id=None, pad_token_id=0, cache_implementation="dynamic",
@@ -166,7 +176,7 @@ def test_generate_with_a_dynamic_cache_uses_compact_slots(artifacts, tokenizer, 
 @torch.no_grad()
 def test_left_padded_batch_generate_equals_each_prompt_alone(artifacts, tokenizer):
     folder = artifacts("attention-removed")
-    model = hf_model(folder)
+    model = hf_model(folder, VARIANTS["attention-removed"].model_class)
     toolkit = compressor.load(folder)
     long, short = prompt_ids(tokenizer, 16), prompt_ids(tokenizer, 24)[:, 13:]
     pad = long.shape[1] - short.shape[1]

@@ -100,6 +100,12 @@ def logits(model) -> torch.Tensor:
     return logits_of(model, probe_ids())
 
 
+
+def no_ops(config: dict) -> list[dict]:
+    """config.json's block_configs as {attention: {no_op}, ffn: {no_op}}, whatever its form adds
+    (the Nemotron-NAS form adds replace_with_linear, n_heads_in_group, intermediate_size)."""
+    return [{kind: {"no_op": block[kind]["no_op"]} for kind in ("attention", "ffn")} for block in config["block_configs"]]
+
 @pytest.fixture(scope="module")
 def full_export_bytes(tmp_path_factory, tiny_model_folder):
     """family -> tensor bytes of the source converted and exported with nothing removed."""
@@ -136,11 +142,17 @@ def test_artifact_folder_contents_and_plan(artifacts, family):
     assert {layer for layer, _ in removed} == set(sorted(redundancy, key=redundancy.get)[-2:])
 
     config = read_json(folder / "config.json")
-    assert config["model_type"] == "compressor_decoder"
-    assert config["architectures"] == ["CompressedForCausalLM"]
-    assert config["source_architecture"] == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                             "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}[family]
-    assert config["block_configs"] == [
+    # Removed sub-layers: the Nemotron-NAS form where vLLM's class can express the model (Llama);
+    # the toolkit's form for Qwen2 (q/k/v biases only), Qwen3 (q/k norms) and a windowed Mistral.
+    source = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+              "mistral": "MistralForCausalLM"}[family]
+    if family == "llama":
+        assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
+        assert config["compressor_artifact"] == {"form": "nemotron-nas", "source_architecture": source}
+    else:
+        assert config["model_type"] == "compressor_decoder" and config["architectures"] == ["CompressedForCausalLM"]
+        assert config["source_architecture"] == source
+    assert no_ops(config) == [
         {"attention": {"no_op": (i, "attention") in removed}, "ffn": {"no_op": (i, "mlp") in removed}}
         for i in range(NUM_LAYERS)]
 
@@ -178,7 +190,7 @@ def test_artifact_logits_equal_in_memory_pruned_model_exactly(artifacts, tiny_mo
     import transformers
 
     auto = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    assert type(auto).__name__ == "CompressedForCausalLM"
+    assert type(auto).__name__ == ("NemotronNasForCausalLM" if family == "llama" else "CompressedForCausalLM")
     assert float((logits(auto) - expected).abs().max()) == 0.0
     # Greedy decoding: the artifact's own KV-cache loop, transformers' generate and a no-cache
     # argmax loop agree token for token.
@@ -232,7 +244,7 @@ def test_finercut_recipe_removes_the_recorded_search_prefix(artifacts, tiny_mode
     assert removed == set(steps)
     assert [(u["layer"], u["unit"]) for u in plan["removal"]["removed"]] == steps
     config = read_json(folder / "config.json")
-    assert config["block_configs"] == [
+    assert no_ops(config) == [
         {"attention": {"no_op": (i, "attention") in removed}, "ffn": {"no_op": (i, "mlp") in removed}}
         for i in range(NUM_LAYERS)]
     expected = logits(remove_units(load_model(str(tiny_model_folder["llama"])).model, plan))
@@ -251,7 +263,7 @@ def test_edited_plan_removes_exactly_the_flipped_unit(artifacts, tiny_model_fold
 
     wanted = before | {(layer, "mlp")}
     config = read_json(out / "config.json")
-    assert config["block_configs"] == [
+    assert no_ops(config) == [
         {"attention": {"no_op": (i, "attention") in wanted}, "ffn": {"no_op": (i, "mlp") in wanted}}
         for i in range(NUM_LAYERS)]
     written_plan = read_json(out / "plan.json")
@@ -273,7 +285,8 @@ def test_edited_plan_removes_exactly_the_flipped_unit(artifacts, tiny_model_fold
 def test_report_compares_artifacts_with_an_original_row(artifacts, capsys):
     first, second = artifacts("llama"), artifacts("llama", "finercut")
     table = compare([str(first), str(second)])
-    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    rows = [line for line in table.split("\n\n")[0].splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")]
     names = [row.split("|")[1].strip() for row in rows]
     assert names == ["original", "llama-similarity", "llama-finercut"]
     params = {row.split("|")[1].strip(): row.split("|")[3].strip() for row in rows}

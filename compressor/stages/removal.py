@@ -93,10 +93,16 @@ def removable_candidates(analysis: dict, protect, required: set[tuple[int, str]]
 
 
 def required_units(recipe: Recipe) -> set[tuple[int, str]]:
+    """Units other parts of the recipe need: a fixed sparse-token filter layer's attention, and for
+    `serve: [vllm]` layer 0's attention (vLLM's Nemotron-NAS forward cannot start on an MLP alone,
+    see compressor.serving.vllm_layer_problem)."""
+    required = set()
     sparse = recipe.sparse_tokens
     if sparse is not None and isinstance(sparse.filter_layer, int):
-        return {(sparse.filter_layer, "attention")}
-    return set()
+        required.add((sparse.filter_layer, "attention"))
+    if "vllm" in recipe.serve:
+        required.add((0, "attention"))
+    return required
 
 
 def check_budget(quotas: dict[str, int], candidates: list[tuple[int, str]], num_layers: int, protect) -> None:

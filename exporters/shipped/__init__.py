@@ -1,0 +1,1 @@
+"""Files copied as they are into artifacts, for readers that do not have this package."""
