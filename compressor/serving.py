@@ -170,8 +170,9 @@ def stack_support(config, has_onnx: bool, form: str | None = None) -> dict[str, 
         else:
             notes = ["trust_remote_code=True (the Nemotron-NAS config class shipped in the folder)"] \
                 if form == "nemotron-nas" else []
-            if formats and any(b not in VLLM_CPU_BITS for b in widths):
-                notes.append("its CPU backend runs only 4-bit weights")
+            if formats:
+                notes.append(f"its CPU backend runs {'/'.join(map(str, VLLM_CPU_BITS))}-bit weights only, with "
+                             "16-bit activations (dtype bfloat16)")
             support["vllm"] = Support(True, tuple(notes))
     return support
 

@@ -36,7 +36,8 @@ SHIPPED = Path(__file__).parent / "shipped"
 COMPARED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_frequency_scaling",
                    "max_position_embeddings", "attention_bias", "attention_output_bias", "mlp_bias", "qk_norm",
-                   "attention_window", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+                   "attention_window", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+                   "source_architecture", "block_configs")
 
 
 def _rope(config: CompressedConfig) -> dict:
@@ -154,6 +155,7 @@ def compressed_config(data: dict, where: str) -> CompressedConfig:
                                       f"{data.get('model_type')!r}")
             check_artifact_config(data, where)
             fields = {k: v for k, v in data.items() if k not in ("architectures", "auto_map", MARKER)}
+            fields["source_architecture"] = data[MARKER].get("source_architecture")
             return config_with(NemotronNasConfig(**fields))
         return _from_standard(data, where)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:

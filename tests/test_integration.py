@@ -3,6 +3,7 @@ exact size accounting, loading through transformers."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,9 @@ def test_reload_reproduces_logits_exactly(embedded, artifact):
         expected = in_memory(ids).logits
         assert torch.equal(reloaded.model(ids).logits, expected)
         auto = transformers.AutoModelForCausalLM.from_pretrained(artifact)
-        assert type(auto).__name__ == "CompressedForCausalLM"
+        # Sub-layers removed from a Llama: the Nemotron-NAS form, read with the toolkit's class.
+        assert type(auto).__name__ == "NemotronNasForCausalLM"
+        assert json.loads((Path(artifact) / "config.json").read_text())["model_type"] == "nemotron-nas"
         assert torch.equal(auto(ids).logits, expected)
 
 

@@ -131,6 +131,7 @@ def test_each_family_unchanged_is_written_in_its_own_form_and_loads_with_its_cla
         data = json.loads((folder / "config.json").read_text())
         hf = build_tiny_hf_model(family)
         assert data["architectures"] == [type(hf).__name__] and data["model_type"] == hf.config.model_type
+        verify_artifact(folder)
         plain = AutoModelForCausalLM.from_pretrained(folder).eval()
         assert type(plain) is type(hf)
         with torch.no_grad():
@@ -228,6 +229,7 @@ def test_the_nemotron_form_holds_what_vllm_reads(tokenizer, tmp_path):
     assert data["architectures"] == ["DeciLMForCausalLM"] and data["model_type"] == "nemotron-nas"
     assert data["auto_map"] == {"AutoConfig": "configuration_decilm.DeciLMConfig"}
     assert (folder / CONFIG_CLASS_FILE).is_file()
+    verify_artifact(folder)  # the manifest covers the config class file; config and weights agree
     assert data["rope_parameters"] == {"rope_type": "default", "rope_theta": model.config.rope_theta}
     blocks = data["block_configs"]
     assert blocks[1]["attention"] == {"no_op": True, "replace_with_linear": False, "n_heads_in_group": None}
