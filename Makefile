@@ -72,6 +72,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.sparse_tokens
 	$(BIN)/python -m bench.sharing
 	$(BIN)/python -m bench.verify
+	$(BIN)/python -m bench.serving   # vLLM too once `python -m bench.serving --setup` made .venv-vllm
 	$(BIN)/python -m bench.onnx
 
 clean:
