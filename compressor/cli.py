@@ -3,7 +3,7 @@
     compress --recipe R [--model SOURCE] [--out DIR] [--force] [--quiet]
     compress analyze --model SOURCE --out DIR [--recipe R] [--samples N] [--seq-len L] [--sensitivity]
     compress plan --recipe R --analysis DIR/analysis.json --out plan.json
-    compress apply --plan plan.json --model SOURCE --out DIR [--force]
+    compress apply --plan plan.json --model SOURCE --out DIR [--force] [--max-shard-bytes N]
     compress eval DIR [--recipe R] [--no-original]
     compress report DIR [DIR ...]
     compress select DIR (--prompt TEXT | --prompt-file FILE) [--chat] [--positions]
@@ -27,10 +27,22 @@ from compressor.errors import CompressorError, MissingRecord, one_line
 from compressor.sources import load_model
 from compressor.plan import load_plan, save_plan
 from compressor.process import quiet_transformers
-from compressor.recipe import Recipe, load_recipe, parse_recipe
+from compressor.recipe import Recipe, default, load_recipe, parse_recipe
 from compressor.report import compare
 from compressor.runtime import load
 from exporters.onnx import DEFAULT_TOLERANCE
+
+
+def _shard_bytes(text: str) -> int:
+    """--max-shard-bytes: an integer of at least 1000000 bytes."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; allowed: an integer of bytes >= 1000000")
+    return value
+
 
 SUBCOMMANDS = ("analyze", "plan", "apply", "eval", "report", "select", "export", "verify")
 
@@ -66,6 +78,8 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--model", default="embedded")
         p.add_argument("--out", required=True)
         p.add_argument("--force", action="store_true")
+        p.add_argument("--max-shard-bytes", type=_shard_bytes, default=default(Recipe, "max_shard_bytes"),
+                       help="split weights above this size into shards (default: 5000000000)")
     elif command == "eval":
         p.add_argument("folder")
         p.add_argument("--recipe", help="evaluation settings (default: the artifact's recipe.yaml)")
@@ -159,7 +173,7 @@ def run(argv: list[str]) -> int:
                 print(f"  unit {unit['key']:<12} {unit['bits']}-bit  cost by width: {costs}{pinned}")
     elif command == "apply":
         plan = load_plan(args.plan)
-        out = pipeline.apply_plan_to_source(plan, args.model, args.out, args.force, args.quiet)
+        out = pipeline.apply_plan_to_source(plan, args.model, args.out, args.force, args.quiet, args.max_shard_bytes)
         print(f"artifact: {out} (evaluate it with: compress eval {out})")
     elif command == "eval":
         pipeline.evaluate_artifact(Path(args.folder), args.recipe, not args.no_original, args.quiet, log)

@@ -26,6 +26,7 @@ from compressor.modeling import KVCache
 from compressor.needles import build_cases, even_depths
 from compressor.progress import progress
 from compressor.transforms.sparse_tokens import SparseTokenSettings, full_prefill, greedy_continue, sparse_prefill
+from exporters.shards import weights_bytes
 
 
 @torch.no_grad()
@@ -83,7 +84,7 @@ def evaluate_model(model, tokenizer, settings, eval_text: str, folder: str | Pat
         "parameters": parameter_count(model),
         "speed": speed(folder, prompt, settings.speed.new_tokens, settings.speed.repeats),
         "threads": torch.get_num_threads(),
-        "weights_bytes": (Path(folder) / "model.safetensors").stat().st_size,
+        "weights_bytes": weights_bytes(Path(folder)),  # every shard
     }
     if settings.needles is not None:
         result["needles"] = needle_evaluation(model, tokenizer, settings.needles, eval_text, quiet)

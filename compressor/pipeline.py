@@ -32,7 +32,7 @@ from compressor.serving import require_source
 from compressor.sources import LoadedModel, load_model
 from compressor.plan import ANALYSIS_FORMAT, check_plan_for_model, empty_plan, validate_analysis
 from compressor.process import peak_rss_mb, quiet_transformers
-from compressor.recipe import Recipe, check_name, load_recipe, recipe_yaml
+from compressor.recipe import Recipe, check_name, default, load_recipe, recipe_yaml
 from compressor.report import artifact_report, quantization_summary as summary_of_quantization, report_markdown
 from compressor.runtime import load
 from compressor.stages import quantization
@@ -191,7 +191,7 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
             require_free_space(staging, planned_artifact_bytes(model, plan, recipe.export), "this plan's artifact")
 
         analysis, plan, compressed = run_stages(loaded, recipe, run, log, before_quantizing=check_space)
-        write_model(compressed.model, loaded.tokenizer, staging, compressed.codes, recipe.serve)
+        write_model(compressed.model, loaded.tokenizer, staging, compressed.codes, recipe.serve, recipe.max_shard_bytes)
         if "onnx" in recipe.export:
             from exporters.onnx.export import export_artifact as export_onnx  # optional dependency
 
@@ -270,7 +270,8 @@ def sharing_summary(spec: dict) -> str:
             f"({spec['dense_parameters'] / 1e6:.2f}M -> {spec['parameters'] / 1e6:.2f}M)")
 
 
-def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, quiet: bool = False) -> Path:
+def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, quiet: bool = False,
+                         max_shard_bytes: int = default(Recipe, "max_shard_bytes")) -> Path:
     quiet_transformers()
     check_source_apart(source, check_destination(out, force))
     with staged_folder(out, force) as staging:
@@ -281,7 +282,8 @@ def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, 
             require_free_space(staging, planned_artifact_bytes(model, plan, []), "this plan's artifact")
 
         compressed = apply_plan(loaded.model, plan, Run(loaded.tokenizer, quiet=quiet), check_space)
-        write_model(compressed.model, loaded.tokenizer, staging, compressed.codes, plan.get("serve") or [])
+        write_model(compressed.model, loaded.tokenizer, staging, compressed.codes, plan.get("serve") or [],
+                    max_shard_bytes)
         write_json(staging / "plan.json", dict(plan, model=dict(plan.get("model") or {}, source=source)))
     return Path(os.path.abspath(out))
 

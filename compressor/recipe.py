@@ -296,6 +296,9 @@ class Recipe(Strict):
     evaluate: Evaluation = Evaluation()
     # model.safetensors is always written (every other format is exported from it); "onnx" adds onnx/.
     export: list[Literal["safetensors", "onnx"]] = Field(["safetensors"], max_length=MAX_LIST)
+    # Weights above this many bytes are written as shards model-0000k-of-0000n.safetensors with
+    # model.safetensors.index.json (exporters.shards); the default is the hub's customary 5 GB.
+    max_shard_bytes: int = Field(5_000_000_000, ge=1_000_000, le=MAX_BYTES)
     # Serving stacks the artifact must load in without this package (compressor.serving); the recipe
     # is kept to what they run (see keep_to_serving), or refused.
     serve: list[Literal[SERVE_TARGETS]] = Field([], max_length=len(SERVE_TARGETS))

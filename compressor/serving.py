@@ -91,7 +91,7 @@ def toolkit_only(config) -> list[str]:
                        "restores them; protect.outliers: pin protects by width instead)")
     formats = quantized_formats(config)
     if EMBEDDING in formats:
-        reasons.append(f"a {formats[EMBEDDING][0]}-bit embedding (transformers' model classes cannot load a "
+        reasons.append(f"an embedding quantized to {formats[EMBEDDING][0]} bits (transformers' model classes cannot load a "
                        "quantized embedding; quantize.embeddings: keep)")
     if any(not symmetric for _, symmetric in formats.values()):
         reasons.append("asymmetric weights (transformers refuses their zero points; quantize.symmetric: true)")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from compressor.artifact import read_json
@@ -28,27 +28,29 @@ from compressor.serving import require_targets
 from compressor.modeling import CompressedForCausalLM, build_with_weights
 from compressor.transforms.sparse_tokens import SparseTokenSettings, check_settings
 from exporters.config_forms import compressed_config, form_of, write_config
+from exporters.shards import DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, MODEL_FILE, index_map, save_shards, weight_files
 from exporters.quantized_layout import (formats_from_config, pack_weight, packed_shapes, quantization_config,
                                         unpack_weight)
 
-MODEL_FILE = "model.safetensors"
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def write_model(model, tokenizer, folder: str | Path, quantized: dict | None = None, serve=()) -> None:
+def write_model(model, tokenizer, folder: str | Path, quantized: dict | None = None, serve=(),
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Writes the model; `quantized` (module name -> QuantizedWeight) replaces those weights by their
     packed codes (the model itself must already hold their dequantized values). `serve` names the
-    stacks (compressor.serving) that must load the result: anything else is refused before writing."""
+    stacks (compressor.serving) that must load the result: anything else is refused before writing.
+    Weights above `max_shard_bytes` are split into shards with an index (exporters.shards)."""
     folder = Path(folder)
     with _os_errors(folder):
         if quantized:
-            _write_quantized(model, folder, quantized, serve)
+            _write_quantized(model, folder, quantized, serve, max_shard_bytes)
         else:
             config = copy.deepcopy(model.config)
             config.dtype = model.dtype
             require_targets(config, serve)
-            model.save_pretrained(folder, safe_serialization=True)
+            model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_bytes)
             write_config(config, folder)  # the form compressor.serving picks (save_pretrained wrote the toolkit's)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
@@ -68,7 +70,7 @@ def _os_errors(folder: Path):
         raise OSError(code, os.strerror(code), str(folder)) from None
 
 
-def _write_quantized(model, folder: Path, quantized: dict, serve=()) -> None:
+def _write_quantized(model, folder: Path, quantized: dict, serve, max_shard_bytes: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     exact = {}
@@ -86,7 +88,7 @@ def _write_quantized(model, folder: Path, quantized: dict, serve=()) -> None:
     ignore = ["lm_head"] if model.lm_head is not None else []
     config.quantization_config = quantization_config({name: q.fmt for name, q in quantized.items()}, ignore)
     write_config(config, folder, serve)
-    save_file(state, str(folder / MODEL_FILE), metadata={"format": "pt"})
+    save_shards(state, folder, max_shard_bytes, metadata={"format": "pt"})
 
 
 def read_quantized_weights(folder: str | Path, state: dict | None = None, config=None) -> dict:
@@ -163,27 +165,28 @@ def expected_tensors(config) -> tuple[dict[str, tuple[tuple[int, ...], str]], di
     return expected, logical
 
 
-def _check_header(handle, expected: dict, path: Path) -> None:
-    present = set(handle.keys())
+def _check_header(handles: dict, expected: dict, where: Path) -> None:
+    """`handles`: tensor name -> the open safetensors file holding it (one file, or every shard)."""
+    present = set(handles)
     missing = [name for name in expected if name not in present]
     if missing:
-        raise CompressorError(f"{path}: tensor {missing[0]} is missing"
+        raise CompressorError(f"{where}: tensor {missing[0]} is missing"
                               f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; config.json "
                               "implies it (a layer dropped from the weights, or config.json edited)")
     unexplained = sorted(present - set(expected))
     if unexplained:
-        raise CompressorError(f"{path}: tensor {shorten(unexplained[0])} is not explained by config.json"
+        raise CompressorError(f"{where}: tensor {shorten(unexplained[0])} is not explained by config.json"
                               f"{f' (and {len(unexplained) - 1} more)' if len(unexplained) > 1 else ''}; "
                               "config.json and the weights disagree")
     for name, (shape, kind) in expected.items():
-        sliced = handle.get_slice(name)
+        sliced = handles[name].get_slice(name)
         got_shape, got_dtype = tuple(sliced.get_shape()), sliced.get_dtype()
         if got_shape != shape:
-            raise CompressorError(f"{path}: tensor {name} has shape {list(got_shape)}, config.json implies "
+            raise CompressorError(f"{where}: tensor {name} has shape {list(got_shape)}, config.json implies "
                                   f"{list(shape)}")
         if (got_dtype not in FLOAT_DTYPES) if kind == "float" else (got_dtype != kind):
             allowed = "a floating type" if kind == "float" else kind
-            raise CompressorError(f"{path}: tensor {name} is {got_dtype}, expected {allowed}")
+            raise CompressorError(f"{where}: tensor {name} is {got_dtype}, expected {allowed}")
 
 
 def refuse_non_finite(tensors: dict, where: str, what: str = "tensor") -> None:
@@ -216,19 +219,38 @@ def state_shape(state: dict, module: str) -> tuple[int, int]:
 
 
 def load_checked(folder: Path, config) -> dict:
-    """model.safetensors as tensors, after checking its header against the config: every tensor the
-    config implies present with its shape and dtype, nothing unexplained; then every float finite."""
-    path = folder / MODEL_FILE
+    """The weights as tensors (model.safetensors, or every shard of the index), after checking their
+    headers against the config: every tensor the config implies present with its shape and dtype,
+    nothing unexplained, no tensor in two shards, the index naming each tensor's shard; then every
+    float finite."""
+    files = weight_files(folder)
+    where = files[0] if len(files) == 1 else folder / INDEX_FILE
     expected, logical = expected_tensors(config)
+    indexed = index_map(folder)
+    state = {}
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            _check_header(handle, expected, path)
-        state = load_file(str(path))
+        with contextlib.ExitStack() as stack:
+            handles = {}
+            for path in files:
+                handle = stack.enter_context(safe_open(str(path), framework="pt"))
+                for name in handle.keys():
+                    if name in handles:
+                        raise CompressorError(f"{path}: tensor {shorten(name)} is also in another shard")
+                    if indexed is not None and indexed.get(name) != path.name:
+                        raise CompressorError(f"{path}: holds tensor {shorten(name)}, which {INDEX_FILE} places in "
+                                              f"{shorten(indexed.get(name))}")
+                    handles[name] = handle
+            if indexed is not None and set(indexed) != set(handles):
+                extra = sorted(set(indexed) - set(handles))
+                raise CompressorError(f"{folder / INDEX_FILE}: names tensor {shorten(extra[0])}, which no shard holds")
+            _check_header(handles, expected, where)
+        for path in files:
+            state.update(load_file(str(path)))
     except CompressorError:
         raise
     except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise CompressorError(f"{path}: not a readable safetensors file ({one_line(exc, 160)})") from None
-    _check_values(state, config, logical, path)
+        raise CompressorError(f"{where}: not a readable safetensors file ({one_line(exc, 160)})") from None
+    _check_values(state, config, logical, where)
     return state
 
 
@@ -236,8 +258,9 @@ def read_model(folder: str | Path, with_tokenizer: bool = True):
     """The artifact's model (float, eval mode) and tokenizer. Strict: config.json is checked, and the
     weights against it, before the model is built (the manifest is compressor.runtime.load's)."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file() or not (folder / MODEL_FILE).is_file():
+    if not (folder / "config.json").is_file():
         raise CompressorError(f"{folder}: not an artifact folder (needs config.json and {MODEL_FILE})")
+    weight_files(folder)  # one error when the weights are missing, before config.json is read
     config = read_config(folder)
     state = load_checked(folder, config)
     if getattr(config, "quantization_config", None):

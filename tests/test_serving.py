@@ -330,7 +330,7 @@ def test_compare_says_which_stacks_load_each_artifact(tokenizer, tmp_path):
     assert "| plain | standard | yes | no | yes | yes |" in table
     assert "| removed | nemotron-nas | yes | no | no | yes |" in table
     assert "| embedding | toolkit | yes | no | no | no |" in table
-    assert "embedding, vLLM: a 8-bit embedding" in table
+    assert "embedding, vLLM: an embedding quantized to 8 bits" in table
     assert serving_summary(folders["removed"])["stacks"]["vllm"]["notes"][0].startswith("trust_remote_code=True")
 
 
