@@ -36,7 +36,8 @@ from compressor.process import quiet_transformers
 from compressor.recipe import parse_recipe
 from compressor.stages import quantization
 from compressor.stages.run import Run
-from exporters.safetensors import MODEL_FILE, write_model
+from exporters.safetensors import write_model
+from exporters.shards import weights_bytes
 
 RECIPES = ("balanced", "quantize-only", "small")
 ALLOCATORS = ("uniform", "lim", "zd", "sensitivity")
@@ -46,7 +47,7 @@ AVERAGE_BITS = (3.0, 3.5, 4.0)
 def file_size(model, quantized) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
         write_model(model, None, tmp, quantized)
-        return (Path(tmp) / MODEL_FILE).stat().st_size
+        return weights_bytes(Path(tmp))
 
 
 def measured_row(name: str, kind: str, source, recipe, analysis, windows, started: float) -> dict:
@@ -78,7 +79,7 @@ def recipe_row(name: str, quick: bool, evaluation: dict, workdir: Path) -> dict:
     out = compress(parse_recipe(data, name), out=workdir / name, force=True, quiet=True, log=lambda *_: None)
     report = json.loads((out / "report.json").read_text())
     plan = json.loads((out / "plan.json").read_text())
-    return {"name": f"recipe {name}", "kind": "recipe", "bytes": (out / MODEL_FILE).stat().st_size,
+    return {"name": f"recipe {name}", "kind": "recipe", "bytes": weights_bytes(out),
             "perplexity": report["compressed"]["perplexity"], "seconds": time.perf_counter() - started,
             "avg_bits": ((plan.get("quantization") or {}).get("budget") or {}).get("avg_bits"),
             "removed_units": len((plan.get("removal") or {}).get("removed", []))}

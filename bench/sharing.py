@@ -35,7 +35,8 @@ from compressor.process import quiet_transformers
 from compressor.recipe import Calibration, Share
 from compressor.stages.sharing import plan_sharing, shared_groups
 from compressor.transforms.share import ATTENTION_PROJECTIONS, PROJECTIONS, input_second_moments, share_weights
-from exporters.safetensors import MODEL_FILE, write_model
+from exporters.safetensors import write_model
+from exporters.shards import weights_bytes
 
 TARGETS = (("attention", 0.1), ("attention", 0.2), ("attention", 0.3), ("linears", 0.1), ("linears", 0.2))
 # (label, fit, group size, per-layer fallback): group size 1 is per-layer truncated SVD.
@@ -47,7 +48,7 @@ METHODS = (("SVD per layer", "weight", 1, False), ("whitened SVD per layer", "ac
 def measure(model, tokenizer, eval_windows, prompt, new_tokens: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-share-") as tmp:
         write_model(model, tokenizer, tmp)
-        size = (Path(tmp) / MODEL_FILE).stat().st_size
+        size = weights_bytes(Path(tmp))
         timing = speed(tmp, prompt, new_tokens, repeats)
     return {"bytes": size, "parameters": parameter_count(model), "perplexity": perplexity(model, eval_windows, True),
             "prefill_seconds": timing["prefill_seconds"], "decode_tokens_per_second": timing["decode_tokens_per_second"]}

@@ -43,8 +43,15 @@ def _artifact_like(folder: Path) -> bool:
         except (OSError, ValueError, AttributeError):
             return False
 
+    def marked() -> bool:  # the standard and Nemotron-NAS forms (exporters.config_forms)
+        try:
+            return isinstance(json.loads((folder / "config.json").read_text(encoding="utf-8")).get(
+                "compressor_artifact"), dict)
+        except (OSError, ValueError, AttributeError):
+            return False
+
     return (has(MANIFEST_FILE, "format", MANIFEST_FORMAT) or has("config.json", "model_type", "compressor_decoder")
-            or has("analysis.json", "format", "compressor-analysis/1"))
+            or marked() or has("analysis.json", "format", "compressor-analysis/1"))
 
 
 def check_destination(dest: str | Path, force: bool) -> Path:

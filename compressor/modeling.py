@@ -125,6 +125,8 @@ class NemotronNasConfig(CompressedConfig):
             kwargs["rope_theta"] = theta
         if params.get("rope_type", params.get("type", "default")) != "default":
             kwargs.setdefault("rope_frequency_scaling", params)
+        # DeciLM has one attention bias switch for q/k/v and o (vLLM's bias_o_proj = attention_bias).
+        kwargs.setdefault("attention_output_bias", kwargs.get("attention_bias", False))
         blocks = kwargs.get("block_configs")
         if blocks is not None:
             kwargs["block_configs"] = [_compressor_block(block, i, kwargs) for i, block in enumerate(blocks)]

@@ -28,7 +28,7 @@ from compressor.data import default_evaluation_text
 from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model
 from compressor.manifest import verify_manifest
-from compressor.serving import require_source
+from compressor.serving import removed_units, require_source
 from compressor.sources import LoadedModel, load_model
 from compressor.plan import ANALYSIS_FORMAT, check_plan_for_model, empty_plan, validate_analysis
 from compressor.process import peak_rss_mb, quiet_transformers
@@ -180,7 +180,7 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
         log(f"loading model: {source}" + (" (the first use converts the embedded GGUF file: about 20 s)"
                                           if source == "embedded" else ""))
         loaded = load_model(source, quiet=True)
-        require_source(loaded.model.config, recipe.serve, recipe.remove is not None)
+        require_source(loaded.model.config, recipe.serve, recipe.remove is not None or bool(removed_units(loaded.model.config)))
         require_free_space(staging, smallest_artifact_bytes(loaded.model, recipe), "the smallest artifact this recipe "
                            "can make")
         log(f"analyzing: {recipe.calibration.samples} calibration windows x {recipe.calibration.seq_len} tokens "
@@ -277,6 +277,8 @@ def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, 
     with staged_folder(out, force) as staging:
         loaded = load_model(source, quiet=True)
         check_plan_for_model(plan, loaded.model)  # names, shapes and ranks against this model, before any work
+        removes = any("remove" in (d.get("attention"), d.get("mlp")) for d in plan["layers"])
+        require_source(loaded.model.config, plan.get("serve") or [], removes or bool(removed_units(loaded.model.config)))
 
         def check_space(model, plan):
             require_free_space(staging, planned_artifact_bytes(model, plan, []), "this plan's artifact")
@@ -296,7 +298,7 @@ def export_artifact(folder: Path, fmt: str, tolerance: float | None = None, log=
     from exporters.onnx.export import export_artifact as export_onnx  # optional dependency (imports onnx)
 
     if not (folder / "config.json").is_file():
-        raise CompressorError(f"{folder}: not an artifact folder (needs config.json and model.safetensors)")
+        raise CompressorError(f"{folder}: not an artifact folder (needs config.json and model.safetensors or its shards)")
     with updating_in_place(folder) as folder:
         verify_manifest(folder, skip=("onnx/",))  # an export of damaged weights would inherit the damage
         return export_onnx(folder, DEFAULT_TOLERANCE if tolerance is None else tolerance, log=log)

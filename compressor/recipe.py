@@ -103,7 +103,7 @@ class Removal(Strict):
 
 class QuantizeBudget(Strict):
     """Exactly one of: `avg_bits`, the mean stored bits per weight of the decoder linears (packed codes,
-    scales and zero points included), or `bytes`, the whole model.safetensors (every tensor)."""
+    scales and zero points included), or `bytes`, the whole model.safetensors (every tensor, over all shards)."""
     avg_bits: float | None = Field(None, gt=0, le=32)
     bytes: int | None = Field(None, gt=0, le=MAX_BYTES)
 

@@ -198,16 +198,16 @@ def compare(folders: list[str]) -> str:
     if original is not None:
         rows.insert(0, ("original", original))
     return (markdown_table(rows, original) + "\n\n" + evaluation_note(rows[-1][1]) + "\n\n"
-            + serving_table(dict(zip(names, folders))) + "\n")
+            + serving_table(list(zip(names, folders))) + "\n")
 
 
-def serving_table(folders: dict[str, str]) -> str:
-    """Which stacks load each artifact (name -> folder), read from the folders as they are now (an
-    ONNX export added after the report was written counts)."""
+def serving_table(folders: list[tuple[str, str]]) -> str:
+    """Which stacks load each artifact ((name, folder) pairs), read from the folders as they are now
+    (an ONNX export added after the report was written counts)."""
     lines = ["| variant | config form | " + " | ".join(STACK_TITLES[s] for s in STACKS) + " |",
              "|" + "---|" * (len(STACKS) + 2)]
     notes = []
-    for name, folder in folders.items():
+    for name, folder in folders:
         serving = serving_summary(Path(folder))
         cells = []
         for stack in STACKS:

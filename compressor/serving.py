@@ -80,7 +80,7 @@ def toolkit_only(config) -> list[str]:
     reasons = []
     family = getattr(config, "source_architecture", None)
     if family not in STANDARD_FAMILIES:
-        reasons.append(f"source architecture {family!r} has no standard form here")
+        reasons.append(f"a source architecture ({family!r}) without a standard form here")
     if getattr(config, "weight_sharing", None):
         reasons.append("shared weights (only this toolkit has a class for them)")
     if getattr(config, "sparse_tokens", None):
@@ -149,13 +149,13 @@ def stack_support(config, has_onnx: bool, form: str | None = None) -> dict[str, 
         support["transformers"] = Support(False, ("sub-layers removed: transformers has no class for that "
                                                   "(it loads after `import compressor`)",))
     else:
-        reasons = toolkit_only(config) or nemotron_blockers(config)
-        if not reasons and written == "toolkit":
-            reasons = [f"config.json is in the toolkit's form (written before the {config_form(config)} form "
-                       "existed; compress it again)"]
-        support["transformers"] = Support(False, tuple(reasons))
+        old_form = [f"config.json is in the toolkit's form (written before the {config_form(config)} form existed; "
+                    "compress it again)"] if written == "toolkit" and config_form(config) != "toolkit" else []
+        removed = ["sub-layers removed: transformers has no class for that (it loads after `import compressor`)"] \
+            if removed_units(config) else []
+        support["transformers"] = Support(False, tuple(toolkit_only(config) or removed or old_form))
     if form == "toolkit":
-        support["vllm"] = support["transformers"]
+        support["vllm"] = Support(False, tuple(toolkit_only(config) or nemotron_blockers(config) or old_form))
     else:
         problems = []
         beyond = [b for b in widths if b not in VLLM_BITS]
@@ -192,7 +192,7 @@ def require_source(config, targets, removes: bool) -> None:
         return
     problems = toolkit_only(config) + (nemotron_blockers(config) if removes and "vllm" in targets else [])
     if problems:
-        raise CompressorError(f"serve: [{', '.join(targets)}] cannot be met for this model: it has "
+        raise CompressorError(f"serve: [{', '.join(targets)}] cannot be met for this model, which has "
                               f"{'; '.join(problems)}")
 
 

@@ -96,7 +96,8 @@ def nemotron_config(config: CompressedConfig) -> dict:
     data = {"architectures": [NEMOTRON_ARCHITECTURE], "model_type": NemotronNasConfig.model_type,
             "auto_map": {"AutoConfig": f"{Path(CONFIG_CLASS_FILE).stem}.DeciLMConfig"},
             **_shared_fields(config), "attention_bias": config.attention_bias, "mlp_bias": config.mlp_bias,
-            "block_configs": blocks,
+            # A Mistral window no shorter than the context (vLLM's class has none; it changes nothing).
+            "attention_window": config.attention_window, "block_configs": blocks,
             MARKER: {"form": "nemotron-nas", "source_architecture": config.source_architecture}}
     _check_reads_back(config, data)
     return data

@@ -106,7 +106,7 @@ def read_quantized_weights(folder: str | Path, state: dict | None = None, config
         try:
             weights[name] = unpack_weight(name, state, fmt)
         except KeyError as exc:
-            raise CompressorError(f"{folder / MODEL_FILE}: packed tensor {exc} of {name} is missing") from None
+            raise CompressorError(f"{folder}: packed tensor {exc} of {name} is missing from the weights") from None
     return weights
 
 

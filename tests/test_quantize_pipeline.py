@@ -64,9 +64,9 @@ def compress_capturing(recipe: dict, source: Path, out: Path) -> Built:
     captured = {}
     real_write = safetensors_exporter.write_model
 
-    def capture(model, tokenizer, folder, quantized=None, serve=()):
+    def capture(model, tokenizer, folder, quantized=None, *args, **kwargs):
         captured.update(model=model, quantized=quantized)
-        return real_write(model, tokenizer, folder, quantized, serve)
+        return real_write(model, tokenizer, folder, quantized, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "write_model", capture)

@@ -249,6 +249,22 @@ def test_the_nemotron_form_holds_what_vllm_reads(tokenizer, tmp_path):
     assert done.stdout.split() == ["DeciLMConfig", "True", "2", "128", "False", "False"]
 
 
+@pytest.mark.parametrize("family, overrides", [("llama", {"attention_bias": True}),
+                                               ("mistral", {"sliding_window": 1024})])
+def test_the_nemotron_form_reads_back_biases_and_a_window_that_covers_the_context(tokenizer, tmp_path, family,
+                                                                                   overrides):
+    model = remove_units(to_compressed(build_tiny_hf_model(family, **overrides)), layer_plan(6, attention=(2,)))
+    folder = written(model, tokenizer, tmp_path / family)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "nemotron-nas"
+    loaded = compressor.load(folder).model
+    for key in ("attention_bias", "attention_output_bias", "attention_window"):
+        assert getattr(loaded.config, key) == getattr(model.config, key), key
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(PROBE).logits, model(PROBE).logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(folder)(PROBE).logits, model(PROBE).logits,
+                                   atol=1e-6, rtol=0)
+
+
 def test_another_nemotron_model_is_refused_by_name(tokenizer, tmp_path):
     folder = written(remove_units(tiny(), layer_plan(6, attention=(1,))), tokenizer, tmp_path / "nas")
     data = json.loads((folder / "config.json").read_text())
@@ -307,7 +323,7 @@ def test_a_plan_that_breaks_a_target_is_refused_before_anything_is_written(token
 def test_serve_refuses_a_source_vllm_cannot_express_before_any_work(tiny_model_folder, tmp_path):
     recipe = parse_recipe({"serve": ["vllm"], "remove": {"attention": 1}, "calibration": CALIBRATION,
                            "evaluate": EVALUATE})
-    with pytest.raises(CompressorError, match="cannot be met for this model: it has q/k norms"):
+    with pytest.raises(CompressorError, match="cannot be met for this model, which has q/k norms"):
         compress(recipe, str(tiny_model_folder["qwen3"]), tmp_path / "out", quiet=True, log=lambda m: None)
 
 
