@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -547,6 +548,8 @@ class CompressedForCausalLM(CompressedPreTrainedModel, GenerationMixin):
         into their dequantized matrices. Runs on the first forward, after any unpacking."""
         for name in getattr(self.config, "exact_weights", None) or {}:
             linear = self.get_submodule(name)
+            if parametrize.is_parametrized(linear, "weight"):
+                continue  # a weight kept packed (exporters.packed) applies them each time it is dequantized
             linear.weight.view(-1)[linear.exact_index] = linear.exact_value.to(linear.weight.dtype)
         self._exact_weights_restored = True
 

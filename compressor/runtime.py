@@ -156,13 +156,16 @@ def _optional_json(path: Path):
 
 
 def load(folder: str | Path, backend: str = "torch", providers: list[str] | None = None, threads: int | None = None,
-         optimization: str = "all", matmul_accuracy: str = "fp32", verify: bool = True) -> Artifact:
+         optimization: str = "all", matmul_accuracy: str = "fp32", verify: bool = True, packed: bool = False) -> Artifact:
     """Loads an artifact folder. With `verify` (the default) every file is first checked against the
     artifact's manifest (sizes and SHA-256; about 1 s per GB); verify=False skips that for speed.
     Either way config.json and the weights are checked against each other. `providers`, `threads`
     (intra-op; None: ONNX Runtime's default), `optimization` ("disable" | "basic" | "extended" |
     "all") and `matmul_accuracy` ("fp32" | "int8": activations quantized in fused MatMulNBits) apply
-    to the onnxruntime backend."""
+    to the onnxruntime backend. On the torch backend, `packed=True` keeps quantized weights as their
+    codes and dequantizes each one when it is used: about a quarter of their float32 memory and the
+    same logits, but decoding is several times slower on a CPU (bench/results/packed_memory.md);
+    the default holds them as float32 tensors."""
     if backend not in BACKENDS:
         raise CompressorError(f"backend {backend!r} is not available; allowed: {', '.join(BACKENDS)}")
     folder = Path(folder)
@@ -174,7 +177,7 @@ def load(folder: str | Path, backend: str = "torch", providers: list[str] | None
         has_export = (folder / ONNX_DIR / DECODER_FILE).is_file()
         backend = "onnxruntime" if has_export and not missing(RUNTIME_REQUIRED) else "torch"
     if backend == "torch":
-        model, tokenizer = read_model(folder)
+        model, tokenizer = read_model(folder, packed=packed)
         return Artifact(folder, model, tokenizer)
     require(RUNTIME_REQUIRED, "backend 'onnxruntime'")
     # Here, not at the top: the loader's checks and sessions import onnx and onnxruntime, optional

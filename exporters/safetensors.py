@@ -29,6 +29,7 @@ from compressor.modeling import CompressedForCausalLM, build_with_weights
 from compressor.transforms.sparse_tokens import SparseTokenSettings, check_settings
 from exporters.config_forms import compressed_config, form_of, write_config
 from exporters.shards import DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, MODEL_FILE, index_map, save_shards, weight_files
+from exporters.packed import keep_packed
 from exporters.quantized_layout import (formats_from_config, pack_weight, packed_shapes, quantization_config,
                                         unpack_weight)
 
@@ -108,6 +109,24 @@ def read_quantized_weights(folder: str | Path, state: dict | None = None, config
         except KeyError as exc:
             raise CompressorError(f"{folder}: packed tensor {exc} of {name} is missing from the weights") from None
     return weights
+
+
+def _read_packed(state: dict, config, folder: Path) -> "torch.nn.Module":
+    """The model with its quantized weights kept as codes (exporters.packed), no float copy of them."""
+    weights = read_quantized_weights(folder, state, config)
+    for name, weight in weights.items():
+        for suffix in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
+            state.pop(f"{name}.{suffix}", None)
+        weight.exact_index, weight.exact_value = state.get(f"{name}.exact_index"), state.get(f"{name}.exact_value")
+    with torch.device("meta"):
+        model = CompressedForCausalLM(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    for name, weight in weights.items():
+        keep_packed(model.get_submodule(name), weight)
+    missing = [name for name, tensor in list(model.named_parameters()) + list(model.named_buffers()) if tensor.is_meta]
+    if missing:
+        raise CompressorError(f"weights missing after reading {folder}: {missing[:5]}")
+    return model.eval()
 
 
 def _read_quantized(state: dict, config, folder: Path) -> "torch.nn.Module":
@@ -254,9 +273,11 @@ def load_checked(folder: Path, config) -> dict:
     return state
 
 
-def read_model(folder: str | Path, with_tokenizer: bool = True):
+def read_model(folder: str | Path, with_tokenizer: bool = True, packed: bool = False):
     """The artifact's model (float, eval mode) and tokenizer. Strict: config.json is checked, and the
-    weights against it, before the model is built (the manifest is compressor.runtime.load's)."""
+    weights against it, before the model is built (the manifest is compressor.runtime.load's).
+    With `packed`, quantized weights stay codes dequantized on use (exporters.packed: for serving);
+    without, they are float tensors (for compressing further and exporting)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CompressorError(f"{folder}: not an artifact folder (needs config.json and {MODEL_FILE})")
@@ -264,7 +285,7 @@ def read_model(folder: str | Path, with_tokenizer: bool = True):
     config = read_config(folder)
     state = load_checked(folder, config)
     if getattr(config, "quantization_config", None):
-        model = _read_quantized(state, config, folder)
+        model = (_read_packed if packed else _read_quantized)(state, config, folder)
     else:
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         model = build_with_weights(config, state, f"reading {folder}")
