@@ -595,11 +595,14 @@ def config_with(config: CompressedConfig, **changes) -> CompressedConfig:
     return CompressedConfig(**{k: v for k, v in data.items() if k not in ("model_type", "transformers_version")})
 
 
-def build_with_weights(config: CompressedConfig, state: dict, origin: str) -> CompressedForCausalLM:
-    """A model of `config` holding the given tensors (no copy, no random initialization)."""
+def build_with_weights(config: CompressedConfig, state: dict, origin: str, attach=None) -> CompressedForCausalLM:
+    """A model of `config` holding the given tensors (no copy, no random initialization).
+    `attach(model)`, when given, places the weights that `state` does not hold (packed ones)."""
     with torch.device("meta"):
         model = CompressedForCausalLM(config)
     model.load_state_dict(state, strict=False, assign=True)
+    if attach is not None:
+        attach(model)
     model.tie_weights()
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:

@@ -7,9 +7,8 @@ from pathlib import Path
 from compressor.artifact import read_json
 from compressor.errors import CompressorError
 from compressor.serving import STACK_TITLES, STACKS, stack_support
-from exporters.config_forms import form_of
+from exporters.config_forms import compressed_config, form_of
 from exporters.onnx.files import DECODER_FILE, ONNX_DIR
-from exporters.safetensors import read_config
 
 COLUMNS = (
     ("variant", lambda n, m: n),
@@ -84,8 +83,8 @@ def serving_summary(folder: Path) -> dict:
     """Which stacks load the artifact in `folder`, from what it holds (compressor.serving): its
     config.json form, and per stack whether it loads and why not (or what loading takes)."""
     folder = Path(folder)
-    config = read_config(folder)
-    data = read_json(folder / "config.json", "config.json")
+    data = read_json(folder / "config.json", "config.json")  # read once: the form and the config
+    config = compressed_config(data, str(folder / "config.json"))
     form = form_of(data)
     support = stack_support(config, (folder / ONNX_DIR / DECODER_FILE).is_file(), form)
     return {"form": form, "architectures": list(data.get("architectures") or []),

@@ -118,15 +118,12 @@ def _read_packed(state: dict, config, folder: Path) -> "torch.nn.Module":
         for suffix in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
             state.pop(f"{name}.{suffix}", None)
         weight.exact_index, weight.exact_value = state.get(f"{name}.exact_index"), state.get(f"{name}.exact_value")
-    with torch.device("meta"):
-        model = CompressedForCausalLM(config)
-    model.load_state_dict(state, strict=False, assign=True)
-    for name, weight in weights.items():
-        keep_packed(model.get_submodule(name), weight)
-    missing = [name for name, tensor in list(model.named_parameters()) + list(model.named_buffers()) if tensor.is_meta]
-    if missing:
-        raise CompressorError(f"weights missing after reading {folder}: {missing[:5]}")
-    return model.eval()
+
+    def attach(model):
+        for name, weight in weights.items():
+            keep_packed(model.get_submodule(name), weight)
+
+    return build_with_weights(config, state, f"reading {folder}", attach)
 
 
 def _read_quantized(state: dict, config, folder: Path) -> "torch.nn.Module":
