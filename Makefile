@@ -74,6 +74,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.verify
 	$(BIN)/python -m bench.serving   # vLLM too once `python -m bench.serving --setup` made .venv-vllm
 	$(BIN)/python -m bench.onnx
+	$(BIN)/python -m bench.scale     # about an hour on 2 CPU cores: 1B and 3B shapes, full and half depth
 
 clean:
 	rm -rf $(VENV) .venv-oldest out .pytest_cache .ruff_cache .import_linter_cache

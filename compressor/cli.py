@@ -24,7 +24,6 @@ from compressor import pipeline
 from compressor.analysis.render import layer_table
 from compressor.artifact import check_destination, read_json, staged_folder
 from compressor.errors import CompressorError, MissingRecord, one_line
-from compressor.sources import load_model
 from compressor.plan import load_plan, save_plan
 from compressor.process import quiet_transformers
 from compressor.recipe import Recipe, default, load_recipe, parse_recipe
@@ -55,7 +54,15 @@ def _main_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="artifact folder (default: out/RECIPE_NAME)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars or step messages")
+    _placement_arguments(p)
     return p
+
+
+def _placement_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="where the model computes: auto, cpu, cuda or cuda:N (default: the recipe's, auto)")
+    p.add_argument("--weights", choices=["auto", "memory", "disk"],
+                   help="memory: load every weight; disk: read the decoder layers one at a time from the source's "
+                        "safetensors (default: the recipe's, auto)")
 
 
 def _sub_parser(command: str) -> argparse.ArgumentParser:
@@ -69,6 +76,7 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--seq-len", type=int, help="tokens per calibration window")
         p.add_argument("--sensitivity", action="store_true", help="also measure each unit's removal sensitivity")
         p.add_argument("--force", action="store_true")
+        _placement_arguments(p)
     elif command == "plan":
         p.add_argument("--recipe", required=True)
         p.add_argument("--analysis", required=True, help="analysis.json written by `compress analyze`")
@@ -78,6 +86,7 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--model", default="embedded")
         p.add_argument("--out", required=True)
         p.add_argument("--force", action="store_true")
+        _placement_arguments(p)
         p.add_argument("--max-shard-bytes", type=_shard_bytes, default=default(Recipe, "max_shard_bytes"),
                        help="split weights above this size into shards (default: 5000000000)")
     elif command == "eval":
@@ -122,7 +131,7 @@ def run(argv: list[str]) -> int:
     log = _log(args.quiet)
 
     if command == "compress":
-        out = pipeline.compress(args.recipe, args.model, args.out, args.force, args.quiet, log)
+        out = pipeline.compress(args.recipe, args.model, args.out, args.force, args.quiet, log, args.device, args.weights)
         print((out / "report.md").read_text())
         print(f"artifact: {out}")
     elif command == "analyze":
@@ -131,12 +140,12 @@ def run(argv: list[str]) -> int:
         data = recipe.model_dump()
         data["calibration"].update(overrides)
         data["analysis"]["removal_sensitivity"] |= args.sensitivity
+        data.update({k: v for k, v in (("device", args.device), ("weights", args.weights)) if v is not None})
         recipe = parse_recipe(data, "command line")  # validates the overrides too
         quiet_transformers()
         check_destination(args.out, args.force)
         with staged_folder(args.out, args.force) as staging:
-            loaded = load_model(args.model, quiet=True)
-            analysis = pipeline.analyze(loaded, recipe, args.quiet)
+            analysis = pipeline.analyze_source(args.model, recipe, args.out, args.quiet)
             pipeline.write_analysis(analysis, staging)
         print(layer_table(analysis))
         print(f"analysis: {Path(args.out) / 'analysis.json'} (heat map: analysis.png)")
@@ -173,7 +182,8 @@ def run(argv: list[str]) -> int:
                 print(f"  unit {unit['key']:<12} {unit['bits']}-bit  cost by width: {costs}{pinned}")
     elif command == "apply":
         plan = load_plan(args.plan)
-        out = pipeline.apply_plan_to_source(plan, args.model, args.out, args.force, args.quiet, args.max_shard_bytes)
+        out = pipeline.apply_plan_to_source(plan, args.model, args.out, args.force, args.quiet, args.max_shard_bytes,
+                                            args.device or "auto", args.weights or "auto")
         print(f"artifact: {out} (evaluate it with: compress eval {out})")
     elif command == "eval":
         pipeline.evaluate_artifact(Path(args.folder), args.recipe, not args.no_original, args.quiet, log)

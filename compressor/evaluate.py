@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from compressor.data import evaluation_windows, load_text
+from compressor.execution.hidden import carried
+from compressor.execution.layerwise import embed, placement_of, run_layer
 from compressor.modeling import KVCache
 from compressor.needles import build_cases, even_depths
 from compressor.progress import progress
@@ -31,10 +33,17 @@ from exporters.shards import weights_bytes
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, quiet: bool = False) -> float:
+    """exp(mean next-token NLL) over the windows, each scored alone, the model run one decoder layer
+    at a time over all of them (compressor.execution.layerwise); NLL summed in float32."""
+    if hasattr(model, "ensure_exact_weights"):
+        model.ensure_exact_weights()
+    hidden = carried((embed(model, window[None]) for window in windows), placement_of(model)[0])
+    for layer in progress(range(len(model.model.layers)), "perplexity", quiet):
+        hidden = run_layer(model, layer, hidden)
     total_nll, total_tokens = 0.0, 0
-    for window in progress(windows, "perplexity", quiet):
-        logits = model(window[None]).logits[0, :-1].float()
-        targets = window[1:]
+    for window, h in zip(windows, hidden):
+        logits = model.output_logits(model.model.norm(h))[0, :-1].float()
+        targets = window[1:].to(logits.device)
         total_nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
         total_tokens += targets.numel()
     return math.exp(total_nll / total_tokens)
@@ -75,8 +84,10 @@ def parameter_count(model) -> int:
 
 def evaluate_model(model, tokenizer, settings, eval_text: str, folder: str | Path, quiet: bool = False) -> dict:
     """All metrics of one model, already saved in `folder`, under the recipe's `evaluate` settings."""
+    started = time.perf_counter()
     windows = evaluation_windows(tokenizer, eval_text, settings.windows, settings.seq_len)
     ppl = perplexity(model, windows.input_ids, quiet)
+    perplexity_seconds = time.perf_counter() - started
     prompt = windows.input_ids.flatten()[: settings.speed.prompt_tokens]
     result = {
         "perplexity": ppl,
@@ -85,6 +96,7 @@ def evaluate_model(model, tokenizer, settings, eval_text: str, folder: str | Pat
         "speed": speed(folder, prompt, settings.speed.new_tokens, settings.speed.repeats),
         "threads": torch.get_num_threads(),
         "weights_bytes": weights_bytes(Path(folder)),  # every shard
+        "perplexity_seconds": perplexity_seconds,
     }
     if settings.needles is not None:
         result["needles"] = needle_evaluation(model, tokenizer, settings.needles, eval_text, quiet)

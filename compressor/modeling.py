@@ -21,6 +21,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from compressor.errors import CompressorError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# An output head matrix above this many bytes is multiplied in row chunks of at most this size.
+HEAD_CHUNK_BYTES = 256 << 20
 
 
 class CompressedConfig(PretrainedConfig):
@@ -440,7 +442,11 @@ class CompressedModel(CompressedPreTrainedModel):
         """`inputs_embeds` with `start_layer` > 0 resumes from that layer's input hidden states. The
         cache (a KVCache or a transformers Cache) may come as `past_key_values` or as `cache`."""
         cache = cache_argument(past_key_values, cache)
-        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if inputs_embeds is None:
+            # The embedding may be kept in its stored precision (a layer-by-layer run): rows are cast.
+            h = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
+        else:
+            h = inputs_embeds
         b, t = h.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -539,8 +545,15 @@ class CompressedForCausalLM(CompressedPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """One product when the head matrix is small and in h's precision; else row chunks cast on the
+        way (a layer-by-layer run keeps a large embedding in its stored precision: no full-size copy)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)
+        if weight.dtype == h.dtype and weight.device == h.device and \
+                weight.numel() * weight.element_size() <= HEAD_CHUNK_BYTES:
+            return F.linear(h, weight)
+        rows = max(1, HEAD_CHUNK_BYTES // (weight.shape[1] * h.element_size()))
+        return torch.cat([F.linear(h, chunk.to(device=h.device, dtype=h.dtype)) for chunk in weight.split(rows)],
+                         dim=-1)
 
     @torch.no_grad()
     def restore_exact_weights(self) -> None:

@@ -11,6 +11,7 @@ or fitted twice.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from compressor import stages
-from compressor.analysis.collect import analyze_layers, super_weight_candidates, weight_statistics
+from compressor.analysis.collect import analyze_layers, super_weight_candidates
 from compressor.analysis.removal import removal_sensitivity
 from compressor.analysis.render import heatmap
 from compressor.artifact import (check_destination, read_json, require_free_space, staged_folder, updating_in_place,
@@ -27,10 +28,12 @@ from compressor.artifact import (check_destination, read_json, require_free_spac
 from compressor.data import default_evaluation_text
 from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model
+from compressor.execution.offload import SpillFolder, is_offloaded, offload_of, stored_state
 from compressor.manifest import verify_manifest
 from compressor.serving import removed_units, require_source
 from compressor.sources import LoadedModel, load_model
 from compressor.plan import ANALYSIS_FORMAT, check_plan_for_model, empty_plan, validate_analysis
+from compressor.placement import resolve as resolve_placement
 from compressor.process import peak_rss_mb, quiet_transformers
 from compressor.recipe import Recipe, check_name, default, load_recipe, recipe_yaml
 from compressor.report import artifact_report, quantization_summary as summary_of_quantization, report_markdown
@@ -47,8 +50,9 @@ def layer_report(loaded: LoadedModel, recipe: Recipe, run: Run) -> dict:
     outliers, weight statistics), and each unit's removal sensitivity when the recipe asks for it."""
     model, settings = loaded.model, recipe.calibration
     windows = run.calibration(settings.model_dump())
-    layers = analyze_layers(model, windows.input_ids, run.batch_size, run.quiet)
-    for entry, stats in zip(layers, weight_statistics(model)):
+    weight_stats = []
+    layers = analyze_layers(model, windows.input_ids, run.batch_size, run.quiet, weight_stats)
+    for entry, stats in zip(layers, weight_stats):
         for kind in ("attention", "mlp"):
             if entry[kind] is not None:
                 entry[kind].update(stats[kind])
@@ -91,6 +95,7 @@ def run_stages(loaded: LoadedModel, recipe: Recipe, run: Run, log=print, measure
     `before_quantizing(model, plan)` runs once the whole plan is known, before the codes are made."""
     started, rss_before = time.perf_counter(), peak_rss_mb()
     analysis = layer_report(loaded, recipe, run)
+    seconds = {"layer_report": time.perf_counter() - started}
     plan = empty_plan(recipe.name, analysis, recipe.serve)
     named = stages.named_by(recipe)
     applied = Applied(loaded.model)
@@ -100,7 +105,9 @@ def run_stages(loaded: LoadedModel, recipe: Recipe, run: Run, log=print, measure
         record = None
         if stage in named:
             named.remove(stage)
+            clock = time.perf_counter()
             record = stage.measure(applied.model, recipe, analysis, run)
+            seconds[f"{stage.PART}.measure"] = time.perf_counter() - clock
             if record is not None:
                 analysis[stage.RECORD] = record
             if measure_only and not named:
@@ -109,10 +116,24 @@ def run_stages(loaded: LoadedModel, recipe: Recipe, run: Run, log=print, measure
             log_decision(stage, plan, log)
         if stage is quantization and before_quantizing is not None:
             before_quantizing(applied.model, plan)
+        clock = time.perf_counter()
         applied = stage.apply(applied.model, plan, run, record)
-    analysis["cost"] = {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
-                        "peak_rss_before_mb": rss_before, "threads": torch.get_num_threads()}
+        if stage in stages.named_by(recipe):
+            seconds[f"{stage.PART}.apply"] = time.perf_counter() - clock
+    analysis["cost"] = dict(run_cost(started, rss_before, loaded.model), stage_seconds=seconds)
     return (analysis, None, None) if measure_only else (analysis, plan, applied)
+
+
+def run_cost(started: float, rss_before: float, model) -> dict:
+    """Wall time, peak resident memory, threads, where the model computed, and the device's peak
+    memory on CUDA."""
+    device = next(iter(model.model.norm.parameters())).device
+    cost = {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(), "peak_rss_before_mb": rss_before,
+            "threads": torch.get_num_threads(), "device": str(device),
+            "weights": "disk" if is_offloaded(model) else "memory"}
+    if device.type == "cuda":
+        cost["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return cost
 
 
 def analyze(loaded: LoadedModel, recipe: Recipe, quiet: bool = False) -> dict:
@@ -120,6 +141,18 @@ def analyze(loaded: LoadedModel, recipe: Recipe, quiet: bool = False) -> dict:
     measured on the model after the earlier stages' plan parts are applied)."""
     run = Run(loaded.tokenizer, recipe.analysis.batch_size, quiet)
     return run_stages(loaded, recipe, run, log=lambda message: None, measure_only=True)[0]
+
+
+def analyze_source(source: str, recipe: Recipe, out: str | Path, quiet: bool = False) -> dict:
+    """`compress analyze`: the source loaded as the recipe's device and weights say, then analyze."""
+    loaded = load_model(source, quiet=True, weights=recipe.weights,
+                        placement=resolve_placement(recipe.device, recipe.compute_dtype))
+    spill = start_spill(loaded.model, Path(out))
+    try:
+        require_layerwise(loaded.model, recipe)
+        return analyze(loaded, recipe, quiet)
+    finally:
+        spill.close()
 
 
 def log_decision(stage, plan: dict, log) -> None:
@@ -160,12 +193,16 @@ def write_report(folder: Path, name: str, metrics: dict, original: dict | None, 
 
 
 def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | Path | None = None,
-             force: bool = False, quiet: bool = False, log=print) -> Path:
+             force: bool = False, quiet: bool = False, log=print, device: str | None = None,
+             weights: str | None = None) -> Path:
     """Runs every step of a recipe and returns the artifact folder. The destination is claimed
-    before any work (see compressor.artifact) and published whole at the end."""
+    before any work (see compressor.artifact) and published whole at the end. `device` and `weights`
+    override the recipe's."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     quiet_transformers()
+    placement = resolve_placement(device or recipe.device, recipe.compute_dtype)
+    weights = weights or recipe.weights
     if out is None:
         try:
             check_name(recipe.name)  # it becomes a path: out/NAME
@@ -175,11 +212,16 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
     check_source_apart(model or recipe.model, out)
     if "onnx" in recipe.export:
         require()  # the optional ONNX packages: checked before the analysis, not after it
-    with staged_folder(out, force) as staging:
+    with staged_folder(out, force) as staging, contextlib.ExitStack() as stack:
         source = model or recipe.model
         log(f"loading model: {source}" + (" (the first use converts the embedded GGUF file: about 20 s)"
                                           if source == "embedded" else ""))
-        loaded = load_model(source, quiet=True)
+        loaded = load_model(source, quiet=True, weights=weights, placement=placement)
+        log(f"computing on {placement.describe()}; " + ("decoder layers read from disk one at a time"
+                                                        if is_offloaded(loaded.model) else "weights in memory"))
+        spill = start_spill(loaded.model, out)
+        stack.callback(spill.close)
+        require_layerwise(loaded.model, recipe)
         require_source(loaded.model.config, recipe.serve, recipe.remove is not None or bool(removed_units(loaded.model.config)))
         require_free_space(staging, smallest_artifact_bytes(loaded.model, recipe), "the smallest artifact this recipe "
                            "can make")
@@ -208,6 +250,29 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
             original = original_metrics(loaded, recipe, quiet)
         write_report(staging, recipe.name, metrics, original, plan)
     return out
+
+
+def start_spill(model, out: Path) -> SpillFolder:
+    """The folder an offloaded run writes changed tensors to: beside the artifact (the disk the user
+    chose for it), removed when the run ends. A resident model gets one that stays unused."""
+    spill = SpillFolder(str(Path(os.path.abspath(out)).parent))
+    offload = offload_of(model)
+    if offload is not None:
+        offload.spill = spill
+    return spill
+
+
+def require_layerwise(model, recipe: Recipe) -> None:
+    """The steps that do not run one decoder layer at a time yet refuse a model with its layers on disk."""
+    if not is_offloaded(model):
+        return
+    missing = [name for name, needed in (("share", recipe.share is not None),
+                                         ("sparse_tokens", recipe.sparse_tokens is not None),
+                                         ("evaluate.needles", recipe.evaluate.needles is not None)) if needed]
+    if missing:
+        raise CompressorError(f"{missing[0]}: does not run with the decoder layers on disk yet (weights: disk, or "
+                              "auto for a model this large); allowed: weights: memory, or a recipe without "
+                              f"{', '.join(missing)}")
 
 
 def apply_plan(model, plan: dict, run: Run, before_quantizing=None) -> Applied:
@@ -246,9 +311,11 @@ def planned_artifact_bytes(model, plan: dict, export: list[str]) -> int:
         tensors = int(spec["predicted_tensor_bytes"])
     else:
         seen, tensors = set(), 0
-        for tensor in model.state_dict().values():
-            if tensor.data_ptr() not in seen:
-                seen.add(tensor.data_ptr())
+        for tensor in stored_state(model).values():
+            resident = isinstance(tensor, torch.Tensor)
+            if not resident or tensor.data_ptr() not in seen:  # a tensor shared by two names counts once
+                if resident:
+                    seen.add(tensor.data_ptr())
                 tensors += tensor.numel() * tensor.element_size()
     return int(tensors * (2.1 if "onnx" in export else 1.0))
 
@@ -271,11 +338,17 @@ def sharing_summary(spec: dict) -> str:
 
 
 def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, quiet: bool = False,
-                         max_shard_bytes: int = default(Recipe, "max_shard_bytes")) -> Path:
+                         max_shard_bytes: int = default(Recipe, "max_shard_bytes"), device: str = "auto",
+                         weights: str = "auto") -> Path:
     quiet_transformers()
+    placement = resolve_placement(device, "auto")
     check_source_apart(source, check_destination(out, force))
-    with staged_folder(out, force) as staging:
-        loaded = load_model(source, quiet=True)
+    with staged_folder(out, force) as staging, contextlib.ExitStack() as stack:
+        loaded = load_model(source, quiet=True, weights=weights, placement=placement)
+        stack.callback(start_spill(loaded.model, Path(out)).close)
+        if is_offloaded(loaded.model) and plan.get("sharing"):
+            raise CompressorError("plan sharing: does not run with the decoder layers on disk yet; allowed: "
+                                  "--weights memory")
         check_plan_for_model(plan, loaded.model)  # names, shapes and ranks against this model, before any work
         removes = any("remove" in (d.get("attention"), d.get("mlp")) for d in plan["layers"])
         require_source(loaded.model.config, plan.get("serve") or [], removes or bool(removed_units(loaded.model.config)))

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
     model_validator
 
 from compressor.errors import CompressorError, one_line, shorten
+from compressor.placement import DEVICE_PATTERN, DEVICE_RULE
 from compressor.models.adapters import ATTENTION_LINEARS, PROJECTIONS
 from compressor.safe_load import RECIPE_MAX_BYTES, read_yaml
 from compressor.serving import SERVE_TARGETS, VLLM_BITS
@@ -302,6 +303,21 @@ class Recipe(Strict):
     # Serving stacks the artifact must load in without this package (compressor.serving); the recipe
     # is kept to what they run (see keep_to_serving), or refused.
     serve: list[Literal[SERVE_TARGETS]] = Field([], max_length=len(SERVE_TARGETS))
+    # Where the model computes (compressor.placement): auto (the first CUDA device, else the CPU), cpu,
+    # cuda or cuda:N; `compress --device` overrides it. compute_dtype auto: bfloat16 on CUDA, float32 on
+    # the CPU (sums that need the range stay float32/float64 whatever this is).
+    device: str = Field("auto", max_length=16)
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # memory: every weight loaded; disk: the decoder layers read from the source's safetensors one at a
+    # time (compressor.execution); auto: disk when the model would take over a quarter of the memory.
+    weights: Literal["auto", "memory", "disk"] = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def a_device(cls, device: str) -> str:
+        if not DEVICE_PATTERN.fullmatch(device):
+            raise ValueError(f"{shorten(device, 40)} is not a device; allowed: {DEVICE_RULE}")
+        return device
 
     @field_validator("name")
     @classmethod

@@ -24,11 +24,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from compressor.artifact import read_json
 from compressor.errors import CompressorError, one_line, shorten
+from compressor.placement import CPU_FLOAT32, Placement
+from compressor.execution.offload import (LAYER_PREFIX, Offload, all_finite, attach, file_tensors, read_tensors,
+                                          skeleton)
 from compressor.manifest import verify_manifest, write_manifest
 from compressor.models.adapters import adapter_for, to_compressed
 from compressor.models.config_checks import check_dimensions, estimated_parameters
 from exporters.config_forms import form_of
 from exporters.safetensors import read_model, read_tokenizer, refuse_non_finite
+from exporters.shards import weight_files
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -60,9 +64,36 @@ def embedded_gguf_path() -> Path:
     return found[0]
 
 
-def load_model(source: str | None = None, quiet: bool = False) -> LoadedModel:
-    """Loads any supported source as an uncompressed CompressedForCausalLM (float32, eval mode)."""
+WEIGHTS_CHOICES = ("auto", "memory", "disk")
+# `weights: auto` keeps a model in memory up to this share of the machine's memory (or of the CUDA
+# device's), and reads its layers from disk one at a time above it.
+AUTO_MEMORY_SHARE = 0.25
+
+
+def load_model(source: str | None = None, quiet: bool = False, weights: str = "memory",
+               placement: Placement = CPU_FLOAT32) -> LoadedModel:
+    """Loads any supported source as an uncompressed CompressedForCausalLM in eval mode, on the
+    placement's device and precision. `weights`: `memory` loads every weight; `disk` builds the model
+    with its decoder layers on disk (compressor.execution.offload: the source's safetensors read one
+    layer at a time; a transformers folder, a hub id or the embedded model); `auto` picks disk when the
+    model would take more than AUTO_MEMORY_SHARE of the memory it would be placed in."""
     source = source or EMBEDDED
+    if weights not in WEIGHTS_CHOICES:
+        raise CompressorError(f"weights: {weights!r} is not allowed; allowed: {', '.join(WEIGHTS_CHOICES)}")
+    if weights != "memory":
+        folder = _layerwise_folder(source, quiet, required=weights == "disk")
+        if folder is not None and (weights == "disk" or _too_large(folder, placement)):
+            info = {"source": source, "kind": "embedded" if source == EMBEDDED else "folder"}
+            if source == EMBEDDED:
+                info.update(name=EMBEDDED_NAME, architecture="LlamaForCausalLM")
+            return open_layerwise(folder, info, placement)
+    loaded = _load_memory(source, quiet)
+    if placement != CPU_FLOAT32:
+        loaded.model.to(device=placement.device, dtype=placement.dtype)
+    return loaded
+
+
+def _load_memory(source: str, quiet: bool) -> LoadedModel:
     if source == EMBEDDED:
         return _load_embedded(quiet)
     path = Path(source)
@@ -79,6 +110,96 @@ def load_model(source: str | None = None, quiet: bool = False) -> LoadedModel:
     if HUB_ID.match(source) and not source.startswith((".", "/")):
         return _load_hub(source)
     raise CompressorError(f"model path not found: {source}")
+
+
+def _layerwise_folder(source: str, quiet: bool, required: bool) -> Path | None:
+    """The safetensors folder a source's layers can be read from one at a time, or None (an error
+    when `required`)."""
+    if source == EMBEDDED:
+        cached = _embedded_cache()
+        if not (cached / "model.safetensors").is_file():
+            _load_embedded(quiet)  # converts the GGUF file once, into the cache
+        return cached
+    path = Path(source)
+    if path.is_dir():
+        raw = read_json(path / "config.json", "config.json") if (path / "config.json").is_file() else None
+        if raw is not None and form_of(raw) is None and list(path.glob("*.safetensors")):
+            return path
+        why = ("it is an artifact of this toolkit (compressing one further keeps it in memory)" if raw is not None
+               and form_of(raw) is not None else "it has no config.json and safetensors weights")
+    elif path.is_file():
+        why = "it is a single file (a GGUF file is read whole)"
+    elif HUB_ID.match(source) and not source.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except Exception as exc:  # the hub client raises many types (network, authorization, missing repo)
+            raise CompressorError(f"{source}: not a local path and the hub could not provide it "
+                                  f"({one_line(exc, 200)})") from None
+    else:
+        return None  # not found: the full loader says so
+    if required:
+        raise CompressorError(f"weights: disk cannot read {source} one layer at a time: {why}; allowed: "
+                              "weights: memory (or auto)")
+    return None
+
+
+def _too_large(folder: Path, placement: Placement) -> bool:
+    parameters = safetensors_parameters(folder) or 0
+    need = parameters * torch.empty((), dtype=placement.dtype).element_size()
+    if placement.device.type == "cuda":
+        available = torch.cuda.get_device_properties(placement.device).total_memory
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return need > AUTO_MEMORY_SHARE * available
+
+
+def open_layerwise(folder: Path, info: dict, placement: Placement) -> LoadedModel:
+    """A transformers folder as a CompressedForCausalLM whose decoder layers stay in the folder's
+    safetensors files until placed (compressor.execution.offload). Checked as strictly as a full load:
+    every tensor the config implies present with its shape, nothing unexplained. The embedding and
+    an untied head stay resident in their stored precision when it is narrower than the compute one
+    (a bfloat16 source's 128k-row embedding is not widened to float32)."""
+    raw = read_json(folder / "config.json", "config.json")
+    _check_supported(raw, str(folder))
+    check_dimensions(raw, str(folder / "config.json"))
+    try:
+        hf_config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CompressorError(f"{folder}: could not read config.json ({one_line(exc, 200)})") from None
+    adapter = adapter_for(hf_config)
+    config = adapter.compressed_config(hf_config)
+    stored = {}
+    for path in weight_files(folder):
+        stored.update(file_tensors(path))
+    stored = adapter.convert_state_dict(stored, config)
+    model = skeleton(config, placement.dtype)
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name not in stored:
+            raise CompressorError(f"{folder}: weight {name} is missing; config.json and the weights disagree "
+                                  "(a layer dropped, or config.json edited)")
+        if tuple(stored[name].shape) != tuple(tensor.shape):
+            raise CompressorError(f"{folder}: weight {shorten(name)} has shape {list(stored[name].shape)}, "
+                                  f"config.json implies {list(tensor.shape)}")
+    extra = sorted(set(stored) - set(expected))
+    if extra:
+        raise CompressorError(f"{folder}: weight {shorten(extra[0])} is not explained by config.json"
+                              f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}")
+    resident_names = [name for name in expected if not name.startswith(LAYER_PREFIX)]
+    resident = {}
+    for name in resident_names:
+        value = read_tensors([stored[name]])[0]
+        if not all_finite(value):
+            raise CompressorError(f"{stored[name].path}: weight {name} holds NaN or infinite values")
+        dtype = value.dtype if (name.endswith(("embed_tokens.weight", "lm_head.weight")) and
+                                value.element_size() < placement.dtype.itemsize) else placement.dtype
+        resident[name] = value.to(device=placement.device, dtype=dtype)
+    model.load_state_dict(resident, strict=False, assign=True)
+    attach(model, Offload({name: t for name, t in stored.items() if name.startswith(LAYER_PREFIX)}, placement))
+    tokenizer = read_tokenizer(folder)
+    return LoadedModel(model, tokenizer, dict(info, architecture=adapter.architecture))
 
 
 def _from_transformers(hf_model, tokenizer, info: dict) -> LoadedModel:
@@ -196,11 +317,15 @@ def _load_hub(model_id: str) -> LoadedModel:
     return _from_transformers(hf_model.eval(), tokenizer, {"source": model_id, "kind": "hub"})
 
 
+def _embedded_cache() -> Path:
+    return cache_dir() / f"{EMBEDDED_NAME}-{embedded_gguf_path().stat().st_size}"
+
+
 def _load_embedded(quiet: bool) -> LoadedModel:
     """The embedded model from its cached float conversion, converting the GGUF on first use. The
     cache carries a manifest like an artifact; a damaged cache is converted again, not used."""
     gguf = embedded_gguf_path()
-    cached = cache_dir() / f"{EMBEDDED_NAME}-{gguf.stat().st_size}"
+    cached = _embedded_cache()
     info = {"source": EMBEDDED, "kind": "embedded", "name": EMBEDDED_NAME, "architecture": "LlamaForCausalLM"}
     if (cached / "model.safetensors").is_file():
         try:

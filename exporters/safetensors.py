@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +26,11 @@ from transformers import AutoTokenizer
 
 from compressor.artifact import read_json
 from compressor.errors import CompressorError, one_line, shorten
+from compressor.execution.offload import is_offloaded, offload_of, stored_state
 from compressor.serving import require_targets
 from compressor.modeling import CompressedForCausalLM, build_with_weights
+from compressor.transforms.quantize import SCALE_DTYPE
+from compressor.transforms.quantize_model import StoredCodes
 from compressor.transforms.sparse_tokens import SparseTokenSettings, check_settings
 from exporters.config_forms import compressed_config, form_of, write_config
 from exporters.shards import DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, MODEL_FILE, index_map, save_shards, weight_files
@@ -47,6 +52,15 @@ def write_model(model, tokenizer, folder: str | Path, quantized: dict | None = N
     with _os_errors(folder):
         if quantized:
             _write_quantized(model, folder, quantized, serve, max_shard_bytes)
+        elif is_offloaded(model):
+            # Layers on disk: their tensors are read one at a time as the shards are written.
+            config = copy.deepcopy(model.config)
+            config.dtype = offload_of(model).placement.dtype
+            require_targets(config, serve)
+            folder.mkdir(parents=True, exist_ok=True)
+            write_config(config, folder)
+            model.generation_config.save_pretrained(folder)
+            save_shards(stored_state(model), folder, max_shard_bytes, metadata={"format": "pt"})
         else:
             config = copy.deepcopy(model.config)
             config.dtype = model.dtype
@@ -73,23 +87,62 @@ def _os_errors(folder: Path):
 
 def _write_quantized(model, folder: Path, quantized: dict, serve, max_shard_bytes: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    state = {name: tensor.detach().contiguous() if isinstance(tensor, torch.Tensor) else tensor
+             for name, tensor in stored_state(model).items()}
     exact = {}
     for name, weight in quantized.items():
         state.pop(f"{name}.weight")
         state.pop(f"{name}.exact_index", None)
         state.pop(f"{name}.exact_value", None)
+        if isinstance(weight, StoredCodes):  # an offloaded run's codes: packed as they are written
+            state.update(packed_later(name, weight))
+            if weight.exact_count:
+                exact[name] = weight.exact_count
+            continue
         state.update(pack_weight(name, weight))
         if weight.exact_index is not None:
             exact[name] = int(weight.exact_index.numel())
     config = copy.deepcopy(model.config)
     # Without an explicit dtype, transformers would take the first floating tensor's (a float16 scale).
-    config.dtype = model.dtype
+    config.dtype = offload_of(model).placement.dtype if is_offloaded(model) else model.dtype
     config.exact_weights = exact or None
     ignore = ["lm_head"] if model.lm_head is not None else []
     config.quantization_config = quantization_config({name: q.fmt for name, q in quantized.items()}, ignore)
     write_config(config, folder, serve)
     save_shards(state, folder, max_shard_bytes, metadata={"format": "pt"})
+
+
+@dataclass(frozen=True)
+class PackedPart:
+    """One tensor pack_weight stores for a quantized weight, packed from its stored codes when read."""
+
+    name: str
+    codes: StoredCodes
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def load(self) -> torch.Tensor:
+        return pack_weight(self.name, self.codes.load())[self.key]
+
+
+def packed_later(name: str, codes: StoredCodes) -> dict[str, PackedPart]:
+    """The tensors pack_weight would give for `codes`, each packed when the writer reaches it."""
+    rows, columns = codes.tensors["codes"].shape
+    kinds = {"float": SCALE_DTYPE, "I32": torch.int32, "I64": torch.int64}
+    parts = {key: PackedPart(name, codes, key, tuple(shape), kinds[kind])
+             for key, (shape, kind) in packed_shapes(name, (rows, columns), codes.fmt).items()}
+    if codes.exact_count:
+        parts[f"{name}.exact_index"] = PackedPart(name, codes, f"{name}.exact_index", (codes.exact_count,), torch.int64)
+        parts[f"{name}.exact_value"] = PackedPart(name, codes, f"{name}.exact_value", (codes.exact_count,),
+                                                  torch.float32)
+    return parts
 
 
 def read_quantized_weights(folder: str | Path, state: dict | None = None, config=None) -> dict:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from compressor.artifact import read_json
 from compressor.errors import CompressorError, shorten
@@ -27,8 +27,48 @@ DEFAULT_MAX_SHARD_BYTES = default(Recipe, "max_shard_bytes")
 SHARD_NAME = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
 
 
-def tensor_bytes(tensor: torch.Tensor) -> int:
+# safetensors' dtype names, and the order it lays tensors out in a file: larger ranks first, then by
+# name (its Rust writer sorts by the Dtype enum, descending). write_file follows both, so a file it
+# writes has exactly the bytes safetensors.torch.save_file writes (tests/test_shards.py checks).
+DTYPE_NAMES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+               torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64",
+               torch.int64: "I64"}
+DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(DTYPE_NAMES)}
+
+
+def tensor_bytes(tensor) -> int:
+    """Bytes of a tensor, or of a lazy one (anything with numel, element_size and load)."""
     return tensor.numel() * tensor.element_size()
+
+
+def materialized(tensor) -> torch.Tensor:
+    """A tensor as it is, or a lazy one read now."""
+    return tensor if isinstance(tensor, torch.Tensor) else tensor.load()
+
+
+def write_file(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    """One safetensors file, written one tensor at a time: a lazy tensor (see tensor_bytes) is read
+    just before its bytes are written, so the file never has to be in memory whole."""
+    names = sorted(tensors, key=lambda name: (-DTYPE_RANK[tensors[name].dtype], name))
+    header = {} if metadata is None else {"__metadata__": metadata}
+    offset = 0
+    for name in names:
+        size = tensor_bytes(tensors[name])
+        header[name] = {"dtype": DTYPE_NAMES[tensors[name].dtype], "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(text)))
+        out.write(text)
+        for name in names:
+            tensor = materialized(tensors[name]).detach().to("cpu").contiguous()
+            if tuple(tensor.shape) != tuple(tensors[name].shape) or tensor.dtype != tensors[name].dtype:
+                raise ValueError(f"tensor {name} read as {tuple(tensor.shape)} {tensor.dtype}, announced as "
+                                 f"{tuple(tensors[name].shape)} {tensors[name].dtype}")
+            if tensor.numel():
+                out.write(tensor.view(-1).view(torch.uint8).numpy().data)  # the tensor's own memory, no copy
 
 
 def shard_names(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
@@ -51,15 +91,16 @@ def shard_file(index: int, count: int) -> str:
 
 def save_shards(state: dict[str, torch.Tensor], folder: Path, max_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                 metadata: dict | None = None) -> list[str]:
-    """Writes the tensors as one file or as shards with their index; returns the file names."""
+    """Writes the tensors (or lazy ones, read as they are written) as one file or as shards with their
+    index; returns the file names."""
     groups = shard_names(state, max_bytes)
     if len(groups) == 1:
-        save_file(state, str(folder / MODEL_FILE), metadata=metadata)
+        write_file(folder / MODEL_FILE, state, metadata=metadata)
         return [MODEL_FILE]
     weight_map, files = {}, []
     for i, names in enumerate(groups):
         files.append(shard_file(i, len(groups)))
-        save_file({name: state[name] for name in names}, str(folder / files[-1]), metadata=metadata)
+        write_file(folder / files[-1], {name: state[name] for name in names}, metadata=metadata)
         weight_map.update({name: files[-1] for name in names})
     index = {"metadata": {"total_size": sum(tensor_bytes(t) for t in state.values())}, "weight_map": weight_map}
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -28,7 +28,8 @@ def test_unknown_top_level_key_names_it_and_lists_allowed_keys():
     assert "unknown key 'remov'" in message
     allowed = message.split("allowed here: ", 1)[1].split(", ")
     assert allowed == ["name", "description", "model", "calibration", "analysis", "remove", "quantize",
-                       "sparse_tokens", "share", "evaluate", "export", "max_shard_bytes", "serve"]
+                       "sparse_tokens", "share", "evaluate", "export", "max_shard_bytes", "serve", "device",
+                       "compute_dtype", "weights"]
 
 
 def test_unknown_nested_key_names_the_dotted_path_and_the_allowed_keys_there():
@@ -103,9 +104,9 @@ def test_out_of_range_values_name_the_field(data, field):
 
 
 def test_several_errors_are_all_reported_in_one_line():
-    message = error_of({"calibration": {"samples": "many"}, "colour": "red"})
+    message = error_of({"calibration": {"samples": "many", "colour": "red"}})
     assert "calibration.samples" in message
-    assert "unknown key 'colour'" in message
+    assert "unknown key 'calibration.colour'" in message
     assert "\n" not in message
 
 

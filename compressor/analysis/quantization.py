@@ -16,9 +16,11 @@ from compressor.analysis.tensor_bytes import other_tensor_bytes
 from compressor.bit_allocation import allocation_units
 from compressor.progress import progress
 from compressor.transforms.quantize import recipe_format
+from compressor.execution.layerwise import run_block
+from compressor.execution.offload import placed
 from compressor.transforms.quantize_model import (
     EMBEDDING, accumulate_hessians, embedded_inputs, layer_linears, unit_of_linear,
-    quantize_layer_linears, run_layer)
+    quantize_layer_linears)
 
 
 def sensitivity_key(quantize) -> dict:
@@ -55,23 +57,22 @@ def quantization_sensitivity(model, quantize, calibration: torch.Tensor, batch_s
     for layer in progress(layers, "quantization sensitivity", quiet):
         layer_units = [u for u in units if u["layer"] == layer]
         names = [name for u in layer_units for name in u["linears"]]
-        if not names:
+        # Placed for the whole step: the scorer's reruns from this layer see its quantized weights.
+        with placed(model, layer) as block:
+            if names:
+                hessians = (accumulate_hessians(model, layer, hidden, names, quantize.hessian_tokens)
+                            if hidden is not None else None)
+                originals = {name: module.weight for name, module in layer_linears(model, layer)}
+                for unit in layer_units:
+                    scores[unit["key"]] = {}
+                    for bits in quantize.bits:
+                        formats = {name: recipe_format(quantize, bits) for name in unit["linears"]}
+                        quantize_layer_linears(model, layer, formats, quantize.method, hessians, {}, quantize.damp,
+                                               quantize.act_order)
+                        scores[unit["key"]][str(bits)] = scorer.divergence(start_layer=layer)
+                        _restore(model, layer, originals)
             if hidden is not None:
-                hidden = run_layer(model, layer, hidden)
-            continue
-        hessians = (accumulate_hessians(model, layer, hidden, names, quantize.hessian_tokens)
-                    if hidden is not None else None)
-        originals = {name: module.weight for name, module in layer_linears(model, layer)}
-        for unit in layer_units:
-            scores[unit["key"]] = {}
-            for bits in quantize.bits:
-                formats = {name: recipe_format(quantize, bits) for name in unit["linears"]}
-                quantize_layer_linears(model, layer, formats, quantize.method, hessians, {}, quantize.damp,
-                                       quantize.act_order)
-                scores[unit["key"]][str(bits)] = scorer.divergence(start_layer=layer)
-                _restore(model, layer, originals)
-        if hidden is not None:
-            hidden = run_layer(model, layer, hidden)
+                hidden = run_block(model, block, hidden)
     return dict(sensitivity_key(quantize), bits=list(quantize.bits), measure="kl", scores=scores)
 
 

@@ -14,6 +14,9 @@ import contextlib
 
 import torch
 
+from compressor.execution.hidden import HiddenStates
+from compressor.execution.layerwise import embedded_batches, final_log_probs, run_block, run_layers
+from compressor.execution.offload import placed
 from compressor.progress import progress
 from compressor.recipe import DEFAULT_BATCH_SIZE
 
@@ -53,43 +56,37 @@ DIVERGENCES = {"js": js_divergence, "kl": kl_divergence}
 
 class Scorer:
     """Final next-token log-probabilities on a fixed batch, with layer-input caching so that a
-    candidate in layer l only reruns layers l..L-1."""
+    candidate in layer l only reruns layers l..L-1 (one layer at a time over every batch)."""
 
     def __init__(self, model, windows: torch.Tensor, batch_size: int, measure: str = "js"):
         self.model = model
         self.measure = DIVERGENCES[measure]
+        self.windows, self.batch_size = windows, batch_size
         self.batches = list(windows.split(batch_size))
-        self.reference = [self._log_probs(b) for b in self.batches]
+        self.reference = self._log_probs(run_layers(model, embedded_batches(model, windows, batch_size)))
         self.layer_inputs = None
 
-    @torch.no_grad()
-    def _log_probs(self, batch, inputs_embeds=None, start_layer=0):
-        hidden = self.model.model(batch, inputs_embeds=inputs_embeds, start_layer=start_layer)
-        return torch.log_softmax(self.model.output_logits(hidden).float(), dim=-1)
+    def _log_probs(self, final: HiddenStates) -> HiddenStates:
+        out = final.empty_like()
+        for h in final:
+            out.append(final_log_probs(self.model, h))
+        return out
 
     @torch.no_grad()
     def cache_layer_inputs(self):
         """Hidden states entering every layer under the current removals."""
         self.layer_inputs = []
-        for batch in self.batches:
-            captured = []
-            hooks = [layer.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
-                     for layer in self.model.model.layers]
-            try:
-                self.model.model(batch)
-            finally:
-                for h in hooks:
-                    h.remove()
-            self.layer_inputs.append(captured)
+        run_layers(self.model, embedded_batches(self.model, self.windows, self.batch_size),
+                   keep_inputs=self.layer_inputs)
 
     def divergence(self, start_layer: int = 0) -> float:
+        if start_layer and self.layer_inputs is not None:
+            final = run_layers(self.model, self.layer_inputs[start_layer], start_layer)
+        else:
+            final = run_layers(self.model, embedded_batches(self.model, self.windows, self.batch_size))
         total = 0.0
-        for i, batch in enumerate(self.batches):
-            if start_layer and self.layer_inputs is not None:
-                log_q = self._log_probs(batch, self.layer_inputs[i][start_layer], start_layer)
-            else:
-                log_q = self._log_probs(batch)
-            total += self.measure(self.reference[i], log_q)
+        for reference, h in zip(self.reference, final):
+            total += self.measure(reference, final_log_probs(self.model, h))
         return total / len(self.batches)
 
 
@@ -117,7 +114,7 @@ def removal_sensitivity(model, windows: torch.Tensor, batch_size: int = DEFAULT_
 @torch.no_grad()
 def analyze_layers_light(model, windows, batch_size) -> list[dict]:
     """Redundancy only: mean token cosine of each enabled unit's residual input and output,
-    from hooks on the model's own forward (no attention probabilities, so SDPA stays fast)."""
+    from hooks on each layer's own forward (no attention probabilities, so SDPA stays fast)."""
     layers = model.model.layers
     sums = [{"attention": 0.0, "mlp": 0.0} for _ in layers]
     residual = {}
@@ -134,20 +131,19 @@ def analyze_layers_light(model, windows, batch_size) -> list[dict]:
             sums[index][kind] += float(torch.nn.functional.cosine_similarity(x, residual[index], dim=-1).sum())
         return hook
 
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(layer_input(i)))
-        for kind, unit in (("attention", layer.self_attn), ("mlp", layer.mlp)):
-            if unit is not None:
-                handles.append(unit.register_forward_hook(unit_output(i, kind)))
-    tokens = 0
-    try:
-        for batch in windows.split(batch_size):
-            model.model(batch)
-            tokens += batch.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
+    hidden = embedded_batches(model, windows, batch_size)
+    for i in range(len(layers)):
+        with placed(model, i) as layer:
+            handles = [layer.register_forward_pre_hook(layer_input(i))]
+            for kind, unit in (("attention", layer.self_attn), ("mlp", layer.mlp)):
+                if unit is not None:
+                    handles.append(unit.register_forward_hook(unit_output(i, kind)))
+            try:
+                hidden = run_block(model, layer, hidden)
+            finally:
+                for handle in handles:
+                    handle.remove()
+    tokens = windows.numel()
     return [{k: v / tokens for k, v in s.items()} for s in sums]
 
 

@@ -164,10 +164,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat,
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    exact = keep_exact.clone() if keep_exact is not None else torch.zeros_like(W, dtype=torch.bool)
+    exact = keep_exact.to(W.device).clone() if keep_exact is not None else torch.zeros_like(W, dtype=torch.bool)
     n_groups = fmt.groups(in_features)
-    scale = torch.empty(out_features, n_groups, dtype=SCALE_DTYPE)
-    zero = torch.empty(out_features, n_groups, dtype=torch.int8) if not fmt.symmetric else None
+    scale = torch.empty(out_features, n_groups, dtype=SCALE_DTYPE, device=W.device)
+    zero = torch.empty(out_features, n_groups, dtype=torch.int8, device=W.device) if not fmt.symmetric else None
 
     def fix_group(g: int, source: torch.Tensor, source_exact: torch.Tensor):
         s, z = group_parameters(source, fmt, source_exact)
@@ -184,10 +184,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat,
     if act_order:
         W, H, exact = W[:, perm], H[perm][:, perm], exact[:, perm]
     original = W.clone()  # a weight kept exactly is stored as it was, before any error feedback
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_features)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))  # H + damp * mean(diag) * I, without an n x n identity
+    # The inverse's upper Cholesky factor, each step's input released before the next one is made
+    # (for an 8192-wide down_proj each of these matrices is 268 MB).
+    factor = torch.linalg.cholesky(H)
+    del H
+    inverse = torch.cholesky_inverse(factor)
+    del factor
+    Hinv = torch.linalg.cholesky(inverse, upper=True)
+    del inverse
 
-    codes = torch.zeros(out_features, in_features, dtype=torch.int8)
+    codes = torch.zeros(out_features, in_features, dtype=torch.int8, device=W.device)
     for start in range(0, in_features, block_size):
         stop = min(start + block_size, in_features)
         W1 = W[:, start:stop].clone()

@@ -11,9 +11,13 @@ the stored one); the codes are returned for the exporter.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from compressor.modeling import FactoredLinear, causal_mask
+from compressor.execution.layerwise import embedded_batches, placement_of, rotary_and_mask, run_block, run_layer  # noqa: F401 (run_layer: re-exported)
+from compressor.execution.offload import offload_of, placed
+from compressor.modeling import FactoredLinear
 from compressor.models.adapters import ATTENTION_LINEARS, MLP_LINEARS
 from compressor.progress import progress
 from compressor.recipe import DEFAULT_BATCH_SIZE, Quantize, default
@@ -78,16 +82,16 @@ def set_weight(module: torch.nn.Module, quantized: QuantizedWeight) -> None:
 
 
 def quantize_embedding(model, fmt: QuantFormat) -> QuantizedWeight:
-    """Round-to-nearest, groups along the hidden dimension (a row is one token's vector)."""
-    quantized = rtn_quantize(model.model.embed_tokens.weight.data, fmt)
+    """Round-to-nearest, groups along the hidden dimension (a row is one token's vector). An embedding
+    kept in a narrower stored precision (an offloaded bfloat16 source) is widened to the compute one
+    first, so its dequantized values are what a fully loaded model holds."""
+    embedding = model.model.embed_tokens
+    dtype = placement_of(model)[1]
+    if embedding.weight.dtype != dtype:
+        embedding.weight = torch.nn.Parameter(embedding.weight.to(dtype), requires_grad=False)
+    quantized = rtn_quantize(embedding.weight.data, fmt)
     set_weight(model.model.embed_tokens, quantized)
     return quantized
-
-
-def _rotary_and_mask(model, tokens: int):
-    positions = torch.arange(tokens)[None]
-    cos, sin = model.model.rotary(positions, model.model.embed_tokens.weight.dtype)
-    return cos, sin, causal_mask(None, tokens, positions.device)
 
 
 @torch.no_grad()
@@ -105,7 +109,7 @@ def accumulate_hessians(model, layer: int, hidden: list[torch.Tensor], wanted: l
     gram = GramAccumulator(torch.float32, token_weighting)
     hooks = [modules[name].register_forward_pre_hook(gram.pre_hook(name)) for name in wanted]
     try:
-        cos, sin, mask = _rotary_and_mask(model, hidden[0].shape[1])
+        cos, sin, mask = rotary_and_mask(model, hidden[0].shape[1])
         for h in hidden:
             block(h, cos, sin, mask, None)
     finally:
@@ -115,14 +119,46 @@ def accumulate_hessians(model, layer: int, hidden: list[torch.Tensor], wanted: l
 
 
 @torch.no_grad()
-def embedded_inputs(model, ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [model.model.embed_tokens(batch) for batch in ids.split(batch_size)]
+def embedded_inputs(model, ids: torch.Tensor, batch_size: int):
+    """The first layer's input batches (a HiddenStates)."""
+    return embedded_batches(model, ids, batch_size)
 
 
-@torch.no_grad()
-def run_layer(model, layer: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-    cos, sin, mask = _rotary_and_mask(model, hidden[0].shape[1])
-    return [model.model.layers[layer](h, cos, sin, mask, None) for h in hidden]
+@dataclass(frozen=True)
+class StoredCodes:
+    """A QuantizedWeight whose tensors wait in an offloaded model's spill folder (a layer-by-layer
+    run keeps no layer's codes in memory): the exporter reads them one weight at a time."""
+
+    fmt: QuantFormat
+    tensors: dict  # field of QuantizedWeight -> StoredTensor
+
+    @property
+    def exact_count(self) -> int:
+        stored = self.tensors.get("exact_index")
+        return 0 if stored is None else stored.numel()
+
+    def load(self) -> QuantizedWeight:
+        fields = {field: stored.load() for field, stored in self.tensors.items()}
+        return QuantizedWeight(fields["codes"], fields["scale"], fields.get("zero_point"), self.fmt,
+                               fields.get("exact_index"), fields.get("exact_value"))
+
+
+def spill_codes(model, results: dict[str, QuantizedWeight]) -> dict[str, StoredCodes]:
+    """An offloaded model's new codes written to its spill folder; a resident model's kept as they are."""
+    offload = offload_of(model)
+    if offload is None:
+        return results
+    tensors = {}
+    for name, weight in results.items():
+        for field in ("codes", "scale", "zero_point", "exact_index", "exact_value"):
+            value = getattr(weight, field)
+            if value is not None:
+                tensors[f"codes:{name}:{field}"] = value
+    offload.replace(tensors)
+    return {name: StoredCodes(weight.fmt, {field: offload.stored[f"codes:{name}:{field}"]
+                                           for field in ("codes", "scale", "zero_point", "exact_index", "exact_value")
+                                           if getattr(weight, field) is not None})
+            for name, weight in results.items()}
 
 
 def quantize_layer_linears(model, layer: int, formats: dict[str, QuantFormat], method: str,
@@ -178,14 +214,17 @@ def quantize_model(model, formats: dict[str, QuantFormat], method: str = "gptq",
     hidden = embedded_inputs(model, calibration, batch_size) if method == "gptq" else None
     for layer in progress(layers, f"quantizing ({method})", quiet):
         wanted = [name for name, _ in layer_linears(model, layer) if name in formats]
-        if method == "rtn":
-            results.update(quantize_layer_linears(model, layer, formats, method, None, keep_exact, damp, act_order))
-            continue
-        for names in sequential_steps(wanted):
-            hessians = accumulate_hessians(model, layer, hidden, names, token_weighting)
-            step_formats = {name: formats[name] for name in names}
-            results.update(quantize_layer_linears(model, layer, step_formats, method, hessians, keep_exact,
-                                                  damp, act_order))
-        if hidden is not None:
-            hidden = run_layer(model, layer, hidden)
+        layer_results = {}
+        # The quantized weights are kept (an offloaded model writes them to its spill folder).
+        with placed(model, layer, keep=[f"{name}.weight" for name in wanted]) as block:
+            if method == "rtn":
+                layer_results = quantize_layer_linears(model, layer, formats, method, None, keep_exact, damp, act_order)
+            else:
+                for names in sequential_steps(wanted):
+                    hessians = accumulate_hessians(model, layer, hidden, names, token_weighting)
+                    step_formats = {name: formats[name] for name in names}
+                    layer_results.update(quantize_layer_linears(model, layer, step_formats, method, hessians,
+                                                                keep_exact, damp, act_order))
+                hidden = run_block(model, block, hidden)
+        results.update(spill_codes(model, layer_results))
     return results

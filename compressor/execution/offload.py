@@ -1,0 +1,304 @@
+"""Decoder layers kept on disk: a model whose layers hold no weights until one is placed on the device.
+
+The model is the toolkit's CompressedForCausalLM built on the meta device; an `Offload` attached to
+it keeps, for every tensor of every decoder layer, where its value lives: a tensor of the source's
+safetensors files (read when its layer is placed, never before), or a tensor written to a spill
+folder after a stage changed it (quantized weights). `placed(model, layer)` reads one layer's
+tensors, casts floats to the compute precision, puts them on the device and yields the layer;
+leaving it writes back the tensors the caller changed and releases them all, so one layer's weights
+are in memory at a time. Everything outside the decoder layers (embedding, final norm, head) stays
+resident. A model without an Offload is resident: `placed` yields its layer as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import struct
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from compressor.errors import CompressorError, one_line
+from compressor.placement import CPU_FLOAT32, Placement
+
+LAYER_PREFIX = "model.layers."
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a safetensors file, known by its header: read only when asked."""
+
+    path: str
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def numel(self) -> int:
+        count = 1
+        for d in self.shape:
+            count *= d
+        return count
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def load(self) -> torch.Tensor:
+        return read_tensors([self])[0]
+
+
+@dataclass(frozen=True)
+class CastTensor:
+    """A stored tensor read as another dtype (what the resident model would hold)."""
+
+    stored: StoredTensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.stored.shape
+
+    def numel(self) -> int:
+        return self.stored.numel()
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def load(self) -> torch.Tensor:
+        return self.stored.load().to(self.dtype)
+
+
+def read_tensors(stored: list[StoredTensor]) -> list[torch.Tensor]:
+    """The tensors, each read with plain file reads into a tensor of its own. No memory map: the pages
+    read stay in the system's file cache instead of counting as this process's memory beside the copy
+    (a 1.5 GB embedding would otherwise peak at twice that while it is read)."""
+    out = []
+    offsets: dict[str, tuple[int, dict]] = {}
+    for item in stored:
+        if item.path not in offsets:
+            offsets[item.path] = _header(item.path)
+        start, header = offsets[item.path]
+        entry = header.get(item.key)
+        if entry is None:
+            raise CompressorError(f"{item.path}: tensor {item.key} is missing (the file changed during the run)")
+        begin, end = entry["data_offsets"]
+        tensor = torch.empty(item.shape, dtype=item.dtype)
+        if end - begin != tensor.numel() * tensor.element_size():
+            raise CompressorError(f"{item.path}: tensor {item.key} holds {end - begin} bytes, its shape and dtype "
+                                  f"need {tensor.numel() * tensor.element_size()}")
+        if tensor.numel():
+            target = tensor.view(-1).view(torch.uint8).numpy()
+            with open(item.path, "rb") as handle:
+                handle.seek(start + begin)
+                if handle.readinto(memoryview(target)) != end - begin:
+                    raise CompressorError(f"{item.path}: tensor {item.key} is cut short (a truncated file)")
+        out.append(tensor)
+    return out
+
+
+def _header(path: str) -> tuple[int, dict]:
+    """(where the data starts, the parsed header) of a safetensors file."""
+    try:
+        with open(path, "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(size))
+    except (OSError, struct.error, ValueError) as exc:
+        raise CompressorError(f"{path}: not a readable safetensors file ({one_line(exc, 160)})") from None
+    return 8 + size, header
+
+
+def all_finite(tensor: torch.Tensor, rows: int = 4096) -> bool:
+    """No NaN or infinity in a float tensor, checked a block of rows at a time (no full-size mask)."""
+    if not tensor.is_floating_point():
+        return True
+    if tensor.dim() < 2:
+        return bool(torch.isfinite(tensor).all())
+    return all(bool(torch.isfinite(block).all()) for block in tensor.split(rows))
+
+
+def file_tensors(path: Path) -> dict[str, StoredTensor]:
+    """Every tensor of a safetensors file, from its header."""
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+    found = {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                piece = handle.get_slice(key)
+                dtype = dtypes.get(piece.get_dtype())
+                if dtype is None:
+                    raise CompressorError(f"{path}: tensor {key} has dtype {piece.get_dtype()}; allowed: "
+                                          f"{', '.join(dtypes)}")
+                found[key] = StoredTensor(str(path), key, tuple(piece.get_shape()), dtype)
+    except CompressorError:
+        raise
+    except Exception as exc:  # as above
+        raise CompressorError(f"{path}: not a readable safetensors file ({one_line(exc, 160)})") from None
+    return found
+
+
+class SpillFolder:
+    """A temporary folder for tensors written during a run, shared by the models of that run (a
+    removal's new model and the source it came from); removed on close or when no model holds it."""
+
+    def __init__(self, root: str | None = None):
+        self.root = root
+        self.path: Path | None = None
+        self._counter = itertools.count()
+
+    def new_file(self) -> Path:
+        if self.path is None:
+            self.path = Path(tempfile.mkdtemp(prefix=".compressor-spill-", dir=self.root))
+        return self.path / f"tensors-{next(self._counter):06d}.safetensors"
+
+    def bytes(self) -> int:
+        return 0 if self.path is None else sum(os.path.getsize(p) for p in self.path.glob("*.safetensors"))
+
+    def close(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+
+    def __del__(self):
+        self.close()
+
+
+@dataclass
+class Offload:
+    """Where each decoder-layer tensor lives, and the placement the layers compute in."""
+
+    stored: dict[str, StoredTensor]
+    placement: Placement = CPU_FLOAT32
+    spill: SpillFolder = field(default_factory=SpillFolder)
+    placed_layers: set = field(default_factory=set, repr=False)
+
+    def replace(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Writes changed tensors to the spill folder; later placements read them from there."""
+        if not tensors:
+            return
+        path = self.spill.new_file()
+        save_file({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, str(path))
+        for name, t in tensors.items():
+            self.stored[name] = StoredTensor(str(path), name, tuple(t.shape), t.dtype)
+
+    def fork(self) -> "Offload":
+        """The same stored values for another model: replacing one of them later changes only this copy."""
+        return Offload(dict(self.stored), self.placement, self.spill)
+
+
+def offload_of(model) -> Offload | None:
+    return getattr(model, "_offload", None)
+
+
+def is_offloaded(model) -> bool:
+    return offload_of(model) is not None
+
+
+def attach(model, offload: Offload) -> None:
+    """Marks `model` (decoder layers on the meta device) as reading its layers through `offload`."""
+    model.__dict__["_offload"] = offload  # a plain attribute: not a module, parameter or buffer
+
+
+def layer_tensor_names(model, layer: int) -> list[str]:
+    prefix = f"{LAYER_PREFIX}{layer}."
+    block = model.model.layers[layer]
+    return [prefix + name for name, _ in itertools.chain(block.named_parameters(), block.named_buffers())]
+
+
+def _set_tensor(root: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = root.get_submodule(owner_name)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+def _cast(tensor: torch.Tensor, placement: Placement) -> torch.Tensor:
+    dtype = placement.dtype if tensor.is_floating_point() else tensor.dtype
+    return tensor.to(device=placement.device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def placed(model, layer: int, keep: tuple[str, ...] | list[str] = ()):
+    """Decoder layer `layer` with its weights on the device. `keep` names the tensors (full names,
+    model.layers.N....) the caller changes and wants kept: they are written back on leaving."""
+    offload = offload_of(model)
+    block = model.model.layers[layer]
+    if offload is None or layer in offload.placed_layers:
+        # Resident, or placed already by an enclosing call (a search scoring the tail of the model
+        # from a layer it is changing): that call keeps and releases it.
+        yield block
+        return
+    names = layer_tensor_names(model, layer)
+    missing = [n for n in names if n not in offload.stored]
+    if missing:
+        raise CompressorError(f"offloaded model: tensor {missing[0]} has no stored value")
+    for name in names:  # one at a time: the stored copy of a tensor is dropped once it is cast
+        value = read_tensors([offload.stored[name]])[0]
+        if not all_finite(value):
+            raise CompressorError(f"{offload.stored[name].path}: weight {name} holds NaN or infinite values")
+        _set_tensor(model, name, _cast(value, offload.placement))
+        del value
+    offload.placed_layers.add(layer)
+    try:
+        yield block
+        if keep:
+            offload.replace({name: model.get_parameter(name) if _is_parameter(model, name) else model.get_buffer(name)
+                             for name in keep})
+    finally:
+        offload.placed_layers.discard(layer)
+        release(model, layer)
+
+
+def _is_parameter(model, name: str) -> bool:
+    owner_name, _, leaf = name.rpartition(".")
+    return leaf in model.get_submodule(owner_name)._parameters
+
+
+def release(model, layer: int) -> None:
+    """The layer's tensors back to the meta device (same shapes and dtypes, no memory)."""
+    for name in layer_tensor_names(model, layer):
+        current = model.get_parameter(name) if _is_parameter(model, name) else model.get_buffer(name)
+        _set_tensor(model, name, torch.empty(current.shape, dtype=current.dtype, device="meta"))
+
+
+def stored_state(model) -> dict:
+    """The model's state as the exporter writes it: resident tensors as they are, offloaded ones as
+    a CastTensor of their stored value, in the dtype the placed layer holds (read when written)."""
+    offload = offload_of(model)
+    state = model.state_dict()
+    if offload is None:
+        return state
+    return {name: CastTensor(offload.stored[name], tensor.dtype) if tensor.is_meta else tensor
+            for name, tensor in state.items()}
+
+
+def skeleton(config, dtype: torch.dtype):
+    """A CompressedForCausalLM of `config` on the meta device, floats in `dtype` (no memory)."""
+    from compressor.modeling import CompressedForCausalLM
+
+    with torch.device("meta"):
+        model = CompressedForCausalLM(config)
+    return model.to(dtype=dtype).eval()
+
+
+def rebuilt(model, config):
+    """An offloaded model of a new config (units removed): the resident tensors and the stored ones
+    the new model still has carry over; nothing is read."""
+    offload = offload_of(model).fork()  # the source model keeps its own values
+    new = skeleton(config, offload.placement.dtype)
+    resident = {name: t for name, t in model.state_dict().items() if not t.is_meta}
+    new.load_state_dict(resident, strict=False, assign=True)
+    names = set(new.state_dict())
+    offload.stored = {name: t for name, t in offload.stored.items() if name in names or not name.startswith(LAYER_PREFIX)}
+    attach(new, offload)
+    return new
