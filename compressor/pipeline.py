@@ -267,7 +267,6 @@ def require_layerwise(model, recipe: Recipe) -> None:
     if not is_offloaded(model):
         return
     missing = [name for name, needed in (("share", recipe.share is not None),
-                                         ("sparse_tokens", recipe.sparse_tokens is not None),
                                          ("evaluate.needles", recipe.evaluate.needles is not None)) if needed]
     if missing:
         raise CompressorError(f"{missing[0]}: does not run with the decoder layers on disk yet (weights: disk, or "

@@ -106,6 +106,10 @@ remove: {method: finercut, any: 2, search_samples: 4, search_seq_len: 16}
 quantize: {method: gptq, bits: [4, 8], group_size: 32, budget: {avg_bits: 6.0}, allocate: sensitivity,
            sensitivity_samples: 4, sensitivity_seq_len: 16, embeddings: keep}
 """,
+    "sparse-probe": """
+calibration: {samples: 2, seq_len: 32}
+sparse_tokens: {method: promptdistill, filter_layer: auto, keep_tokens: 64, keep_last: 8, probe: {samples: 2, tokens: 256}}
+""",
     "removal-only": """
 calibration: {samples: 4, seq_len: 32}
 analysis: {removal_sensitivity: true}

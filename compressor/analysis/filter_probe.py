@@ -13,6 +13,9 @@ import torch
 
 from compressor.data import load_text
 from compressor.errors import CompressorError
+from compressor.execution.hidden import carried
+from compressor.execution.layerwise import embed, placement_of
+from compressor.execution.offload import placed
 from compressor.needles import build_cases, even_depths
 from compressor.progress import progress
 from compressor.transforms.sparse_tokens import SparseTokenSettings, select_positions, token_scores
@@ -31,22 +34,27 @@ def filter_layer_probe(model, tokenizer, sparse, calibration_text: str, quiet: b
     recovered = {layer: 0 for layer in layers}
     kept_fraction = {layer: 0.0 for layer in layers}
     inner = model.model
-    for case in progress(cases, "filter-layer probe", quiet):
-        ids = case.input_ids[None]
-        mask = torch.ones_like(ids)
-        positions = torch.arange(ids.shape[1])[None]
-        h = inner.embed_tokens(ids)
-        a, b = case.answer_span
-        for layer in range(max(layers) + 1):
-            if layer in recovered:
-                settings = SparseTokenSettings(sparse.method, layer, sparse.keep_tokens, sparse.keep_first,
-                                               sparse.keep_last, sparse.pool_width)
-                scores = token_scores(model, h, positions, mask, layer, sparse.pool_width)
-                kept = set(select_positions(scores, mask, settings)[0].tolist())
-                share = sum(p in kept for p in range(a, b)) / (b - a)
-                kept_fraction[layer] += share / len(cases)
-                recovered[layer] += share == 1.0
-            h = inner.run_layers(h, positions, mask, None, layer, layer + 1)
+    device = placement_of(model)[0]
+    # One layer at a time over every case (its weights placed once), each case's hidden states carried.
+    hidden = carried((embed(model, case.input_ids[None]) for case in cases), device)
+    for layer in progress(range(max(layers) + 1), "filter-layer probe", quiet):
+        out = hidden.empty_like()
+        with placed(model, layer):
+            for case, h in zip(cases, hidden):
+                ids = case.input_ids[None]
+                mask = torch.ones_like(ids, device=device)
+                positions = torch.arange(ids.shape[1], device=device)[None]
+                if layer in recovered:
+                    a, b = case.answer_span
+                    settings = SparseTokenSettings(sparse.method, layer, sparse.keep_tokens, sparse.keep_first,
+                                                   sparse.keep_last, sparse.pool_width)
+                    scores = token_scores(model, h, positions, mask, layer, sparse.pool_width)
+                    kept = set(select_positions(scores, mask, settings)[0].tolist())
+                    share = sum(p in kept for p in range(a, b)) / (b - a)
+                    kept_fraction[layer] += share / len(cases)
+                    recovered[layer] += share == 1.0
+                out.append(inner.run_layers(h, positions, mask, None, layer, layer + 1))
+        hidden = out
     return {
         "method": "needle retrieval of the filter's own selection",
         "cases": len(cases), "tokens": probe.tokens, "depths": [c.depth for c in cases], "seed": probe.seed,

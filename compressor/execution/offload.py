@@ -302,3 +302,12 @@ def rebuilt(model, config):
     offload.stored = {name: t for name, t in offload.stored.items() if name in names or not name.startswith(LAYER_PREFIX)}
     attach(new, offload)
     return new
+
+
+def with_config(model, config, origin: str):
+    """The model rebuilt for a new config on the same tensors (none copied): offloaded ones stay on disk."""
+    if is_offloaded(model):
+        return rebuilt(model, config)
+    from compressor.modeling import build_with_weights
+
+    return build_with_weights(config, model.state_dict(), origin)

@@ -12,7 +12,8 @@ import copy
 
 from compressor.analysis.filter_probe import filter_layer_probe
 from compressor.errors import CompressorError, MissingRecord
-from compressor.modeling import build_with_weights, config_with
+from compressor.execution.offload import with_config
+from compressor.modeling import config_with
 from compressor.recipe import Recipe
 from compressor.stages.run import Applied, Run
 from compressor.transforms.sparse_tokens import SETTINGS, SparseTokenSettings, check_settings
@@ -77,4 +78,4 @@ def apply(model, plan: dict, run: Run, record=None) -> Applied:
         return Applied(model)
     config = config_with(model.config, sparse_tokens=settings)
     check_settings(SparseTokenSettings.from_dict(settings), config, "plan sparse_tokens")
-    return Applied(build_with_weights(config, model.state_dict(), "the sparse-token filter"))
+    return Applied(with_config(model, config, "the sparse-token filter"))

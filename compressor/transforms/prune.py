@@ -7,8 +7,8 @@ their modules, weights and KV-cache slots do not exist.
 from __future__ import annotations
 
 from compressor.errors import CompressorError
-from compressor.execution.offload import is_offloaded, rebuilt
-from compressor.modeling import CompressedForCausalLM, build_with_weights, config_with
+from compressor.execution.offload import with_config
+from compressor.modeling import CompressedForCausalLM, config_with
 from compressor.transforms.share import unit_of
 
 
@@ -35,7 +35,5 @@ def remove_units(model: CompressedForCausalLM, plan: dict) -> CompressedForCausa
             if layers:
                 kept.append(dict(group, layers=layers))
         changes["weight_sharing"] = kept or None
-    if is_offloaded(model):
-        return rebuilt(model, config_with(model.config, **changes))
     # Tensors of removed units are simply not taken (load ignores keys the new model lacks).
-    return build_with_weights(config_with(model.config, **changes), model.state_dict(), "removal")
+    return with_config(model, config_with(model.config, **changes), "removal")
