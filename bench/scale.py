@@ -1,7 +1,8 @@
 """Compressing real-size models one decoder layer at a time: wall time per stage and per layer, peak
 resident memory (and peak device memory on CUDA), the same model at two depths, and a projection.
 
-    python -m bench.scale [--models llama-3.2-1b,llama-3.2-3b] [--device cpu] [--samples 4] [--seq-len 256]
+    python -m bench.scale [--models llama-3.2-1b,llama-3.2-3b] [--half MODELS] [--device cpu] [--samples 4]
+                          [--seq-len 256] [--threads N]
 
 Each model is built from its published config (Llama-3.2-1B, Llama-3.2-3B; Llama-3.1-8B with
 `--models llama-3.1-8b`) with random bfloat16 weights, written as sharded safetensors first (speed and
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration and evaluation window")
     parser.add_argument("--eval-windows", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--no-half", action="store_true", help="skip the half-depth runs")
+    parser.add_argument("--half", help="models also run at half depth (default: every one of --models; '' for none)")
     parser.add_argument("--gpu-samples", type=int, default=128, help="calibration windows assumed by the projection")
     parser.add_argument("--gpu-seq-len", type=int, default=2048)
     parser.add_argument("--work", help="folder for the models and artifacts (default: a temporary folder)")
@@ -244,13 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"--models: {unknown[0]!r} is not known; allowed: {', '.join(CONFIGS)}")
+    halves = names if args.half is None else [n for n in args.half.split(",") if n]
     work = Path(args.work or tempfile.mkdtemp(prefix="compressor-scale-"))
     rows, depth = [], []
     for name in names:
         full = CONFIGS[name]["num_hidden_layers"]
         print(f"{name}: {full} layers", flush=True)
         rows.append(measure(name, full, work, args))
-        if not args.no_half:
+        if name in halves:
             print(f"{name}: {full // 2} layers", flush=True)
             rows.append(measure(name, full // 2, work, args))
             half, whole = rows[-1], rows[-2]

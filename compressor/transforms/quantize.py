@@ -124,7 +124,7 @@ def _pad_columns(weight: torch.Tensor, width: int) -> torch.Tensor:
 def _exact_parts(weight: torch.Tensor, keep_exact: torch.Tensor | None):
     if keep_exact is None or not bool(keep_exact.any()):
         return None, None
-    index = keep_exact.flatten().nonzero().flatten()
+    index = keep_exact.to(weight.device).flatten().nonzero().flatten()
     return index, weight.flatten()[index].float().clone()
 
 
@@ -136,7 +136,7 @@ def rtn_quantize(weight: torch.Tensor, fmt: QuantFormat, keep_exact: torch.Tenso
     groups = padded.view(out_features, -1, width)
     ignore = None
     if keep_exact is not None:
-        ignore = _pad_columns(keep_exact.to(torch.float32), width).bool().view(out_features, -1, width)
+        ignore = _pad_columns(keep_exact.to(device=weight.device, dtype=torch.float32), width).bool().view(out_features, -1, width)
     scale, zero = group_parameters(groups, fmt, ignore)
     codes, _ = quantize_with(groups, scale, zero, fmt.bits)
     codes = codes.view(out_features, -1)[:, :in_features].contiguous()
