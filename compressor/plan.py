@@ -507,6 +507,8 @@ def _validate_inventory(quantize: Quantize, analysis: dict, where: str) -> None:
         _need_choice(where, f"{at}.unit", linear.get("unit"), UNIT_KINDS)
         shapes[name] = _need_shape(where, f"{at}.shape", linear.get("shape"))
     _need_shape(where, "quantization.embedding_shape", inventory.get("embedding_shape"))
+    if "embedding_element_bytes" in inventory:
+        _need_choice(where, "quantization.embedding_element_bytes", inventory["embedding_element_bytes"], (1, 2, 4, 8))
     _need_int(where, "quantization.other_tensor_bytes", inventory.get("other_tensor_bytes"), 0, MAX_BYTES)
     if inventory.get("sensitivity") is not None:
         measured = need_object(where, "quantization.sensitivity", inventory["sensitivity"], "the measured sensitivity")

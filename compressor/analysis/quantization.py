@@ -39,7 +39,9 @@ def quantization_inventory(model) -> dict:
             linears.append({"name": name, "layer": layer, "unit": unit_of_linear(name),
                             "shape": list(module.weight.shape)})
     other = other_tensor_bytes(model, {f"{lin['name']}.weight" for lin in linears} | {f"{EMBEDDING}.weight"})
-    return {"linears": linears, "embedding_shape": list(model.model.embed_tokens.weight.shape),
+    embedding = model.model.embed_tokens.weight
+    # A kept embedding is stored in its own precision (a layer-by-layer run keeps a bfloat16 one so).
+    return {"linears": linears, "embedding_shape": list(embedding.shape), "embedding_element_bytes": embedding.element_size(),
             "other_tensor_bytes": other, "tied_embeddings": bool(model.config.tie_word_embeddings)}
 
 

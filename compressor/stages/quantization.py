@@ -145,7 +145,7 @@ def plan_quantization(quantize: Quantize, analysis: dict) -> dict:
         items.append(options[-1:] if unit["layer"] in pinned else options)
     vocab, hidden = inventory["embedding_shape"]
     if quantize.embeddings == "keep":
-        embedding = {"bits": "keep", "bytes": vocab * hidden * 4}
+        embedding = {"bits": "keep", "bytes": vocab * hidden * inventory.get("embedding_element_bytes", 4)}
     else:
         fmt = recipe_format(quantize, quantize.embeddings)
         embedding = dict(format_record(fmt), bytes=stored_bytes(vocab, hidden, fmt))
