@@ -224,3 +224,31 @@ share: {projections: [q_proj], reduction: 0.2}
         gguf = tmp_path / "m.gguf"
         gguf.write_bytes(b"GGUF")
         load_model(str(gguf), weights="disk")
+
+
+def test_analyze_and_apply_read_layers_from_disk_alike(tmp_path, tiny_model_folder, capsys):
+    import json
+
+    folder = str(tiny_model_folder["llama"])
+    recipe = tmp_path / "plan-recipe.yaml"
+    recipe.write_text("name: p\nremove: {method: similarity, attention: 1}\n"
+                      "quantize: {method: rtn, bits: [4], group_size: 32, budget: {avg_bits: 5.0}, allocate: uniform}\n")
+    layers = {}
+    for weights in ("memory", "disk"):
+        out = tmp_path / f"analysis-{weights}"
+        assert main(["analyze", "--model", folder, "--out", str(out), "--recipe", str(recipe), "--samples", "4",
+                     "--seq-len", "16", "--weights", weights, "--device", "cpu", "--quiet"]) == 0
+        analysis = json.loads((out / "analysis.json").read_text())
+        layers[weights] = (analysis["layers"], analysis["quantization"])
+    assert layers["memory"] == layers["disk"]
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "--recipe", str(recipe), "--analysis", str(tmp_path / "analysis-disk" / "analysis.json"),
+                 "--out", str(plan)]) == 0
+    written = {}
+    for weights in ("memory", "disk"):
+        out = tmp_path / f"applied-{weights}"
+        assert main(["apply", "--plan", str(plan), "--model", folder, "--out", str(out), "--weights", weights,
+                     "--quiet"]) == 0
+        written[weights] = (out / "model.safetensors").read_bytes()
+    assert written["memory"] == written["disk"]
+    capsys.readouterr()
