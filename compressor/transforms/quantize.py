@@ -66,6 +66,17 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         out_features, in_features = self.codes.shape
         width = self.fmt.width(in_features)
+        if in_features % width == 0:
+            # The same products, in place in one float matrix (no repeated scale or zero matrices:
+            # a 49152 x 576 embedding would otherwise take three 113 MB matrices at once).
+            weight = self.codes.float()
+            grouped = weight.view(out_features, -1, width)
+            if self.zero_point is not None:
+                grouped.sub_(self.zero_point.float()[..., None])
+            grouped.mul_(self.scale.float()[..., None])
+            if self.exact_index is not None:
+                weight.view(-1)[self.exact_index] = self.exact_value
+            return weight
         scale = self.scale.float().repeat_interleave(width, dim=1)[:, :in_features]
         codes = self.codes.float()
         if self.zero_point is not None:
