@@ -24,6 +24,7 @@ import torch
 from compressor.data import evaluation_windows, load_text
 from compressor.execution.hidden import carried
 from compressor.execution.layerwise import embed, placement_of, run_layer
+from compressor.execution.offload import is_offloaded
 from compressor.modeling import KVCache
 from compressor.needles import build_cases, even_depths
 from compressor.progress import progress
@@ -64,14 +65,17 @@ def timed_generation(model, prompt: torch.Tensor, new_tokens: int) -> tuple[floa
     return t1 - t0, (new_tokens - 1) / max(t2 - t1, 1e-9)
 
 
-def speed(folder: str | Path, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
-    """Prefill / decode speed and peak memory of the model saved in `folder`, in a fresh process."""
+def speed(folder: str | Path, prompt: torch.Tensor, new_tokens: int, repeats: int, device: str = "cpu",
+          dtype: str = "float32", packed: bool = False) -> dict:
+    """Prefill / decode speed and peak memory of the model saved in `folder`, in a fresh process, on
+    `device` in `dtype`; `packed` keeps quantized weights as codes (compressor.speed_probe)."""
     with tempfile.TemporaryDirectory(prefix="compressor-speed-") as tmp:
         prompt_file = Path(tmp) / "prompt.pt"
         torch.save(prompt.clone(), prompt_file)
         env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
         done = subprocess.run([sys.executable, "-m", "compressor.speed_probe", str(Path(folder).resolve()), str(prompt_file),
-                               str(new_tokens), str(repeats)], capture_output=True, text=True, env=env,
+                               str(new_tokens), str(repeats), device, dtype, "packed" if packed else "dense"],
+                              capture_output=True, text=True, env=env,
                               cwd=Path(__file__).resolve().parent.parent)
     if done.returncode != 0:
         raise RuntimeError(f"speed probe failed for {folder}: {done.stderr.strip().splitlines()[-1:]}")
@@ -85,6 +89,7 @@ def parameter_count(model) -> int:
 def evaluate_model(model, tokenizer, settings, eval_text: str, folder: str | Path, quiet: bool = False) -> dict:
     """All metrics of one model, already saved in `folder`, under the recipe's `evaluate` settings."""
     started = time.perf_counter()
+    device, dtype = placement_of(model)
     windows = evaluation_windows(tokenizer, eval_text, settings.windows, settings.seq_len)
     ppl = perplexity(model, windows.input_ids, quiet)
     perplexity_seconds = time.perf_counter() - started
@@ -93,7 +98,11 @@ def evaluate_model(model, tokenizer, settings, eval_text: str, folder: str | Pat
         "perplexity": ppl,
         "perplexity_text": windows.record,
         "parameters": parameter_count(model),
-        "speed": speed(folder, prompt, settings.speed.new_tokens, settings.speed.repeats),
+        # On the device the run computed on; a model whose layers were read from disk is probed in
+        # float32 with its quantized weights kept packed (its float copy may not fit in memory; the
+        # packed path dequantizes to float32).
+        "speed": speed(folder, prompt, settings.speed.new_tokens, settings.speed.repeats, str(device),
+                       str(dtype).removeprefix("torch."), is_offloaded(model) and dtype == torch.float32),
         "threads": torch.get_num_threads(),
         "weights_bytes": weights_bytes(Path(folder)),  # every shard
         "perplexity_seconds": perplexity_seconds,

@@ -137,6 +137,8 @@ def test_compress_from_disk_writes_the_same_bytes(tmp_path, tiny_model_folder, n
     cost = json.loads((disk / "analysis.json").read_text())["cost"]
     assert cost["weights"] == "disk" and cost["device"] == "cpu" and "layer_report" in cost["stage_seconds"]
     assert not list(tmp_path.glob(".compressor-spill-*"))  # the spill folder is gone
+    speeds = [json.loads((folder / "report.json").read_text())["compressed"]["speed"] for folder in (memory, disk)]
+    assert [s["packed"] for s in speeds] == [False, True] and {s["device"] for s in speeds} == {"cpu"}
 
 
 def test_sharded_source_read_layer_by_layer(tmp_path, tokenizer, tiny_model_folder):
