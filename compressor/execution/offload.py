@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
+import math
 import struct
 import shutil
 import tempfile
@@ -159,9 +159,6 @@ class SpillFolder:
             self.path = Path(tempfile.mkdtemp(prefix=".compressor-spill-", dir=self.root))
         return self.path / f"tensors-{next(self._counter):06d}.safetensors"
 
-    def bytes(self) -> int:
-        return 0 if self.path is None else sum(os.path.getsize(p) for p in self.path.glob("*.safetensors"))
-
     def close(self) -> None:
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
@@ -179,6 +176,9 @@ class Offload:
     placement: Placement = CPU_FLOAT32
     spill: SpillFolder = field(default_factory=SpillFolder)
     placed_layers: set = field(default_factory=set, repr=False)
+    # Weights whose value is computed from stored codes when placed (quantized ones): name -> an
+    # object whose load() gives something with dequantize() (compressor.transforms.quantize_model).
+    derived: dict = field(default_factory=dict)
 
     def replace(self, tensors: dict[str, torch.Tensor]) -> None:
         """Writes changed tensors to the spill folder; later placements read them from there."""
@@ -191,7 +191,7 @@ class Offload:
 
     def fork(self) -> "Offload":
         """The same stored values for another model: replacing one of them later changes only this copy."""
-        return Offload(dict(self.stored), self.placement, self.spill)
+        return Offload(dict(self.stored), self.placement, self.spill, derived=dict(self.derived))
 
 
 def offload_of(model) -> Offload | None:
@@ -239,10 +239,13 @@ def placed(model, layer: int, keep: tuple[str, ...] | list[str] = ()):
         yield block
         return
     names = layer_tensor_names(model, layer)
-    missing = [n for n in names if n not in offload.stored]
+    missing = [n for n in names if n not in offload.stored and n not in offload.derived]
     if missing:
         raise CompressorError(f"offloaded model: tensor {missing[0]} has no stored value")
     for name in names:  # one at a time: the stored copy of a tensor is dropped once it is cast
+        if name in offload.derived:  # a quantized weight: its dequantized codes, as the resident model holds
+            _set_tensor(model, name, _cast(offload.derived[name].load().dequantize(), offload.placement))
+            continue
         value = read_tensors([offload.stored[name]])[0]
         if not all_finite(value):
             raise CompressorError(f"{offload.stored[name].path}: weight {name} holds NaN or infinite values")
@@ -278,8 +281,27 @@ def stored_state(model) -> dict:
     state = model.state_dict()
     if offload is None:
         return state
-    return {name: CastTensor(offload.stored[name], tensor.dtype) if tensor.is_meta else tensor
+    return {name: (DerivedTensor(offload.derived[name], tensor.shape, tensor.dtype) if name in offload.derived
+                   else CastTensor(offload.stored[name], tensor.dtype)) if tensor.is_meta else tensor
             for name, tensor in state.items()}
+
+
+@dataclass(frozen=True)
+class DerivedTensor:
+    """A weight dequantized from its stored codes when read."""
+
+    codes: object
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def load(self) -> torch.Tensor:
+        return self.codes.load().dequantize().to(self.dtype)
 
 
 def skeleton(config, dtype: torch.dtype):
@@ -300,6 +322,7 @@ def rebuilt(model, config):
     new.load_state_dict(resident, strict=False, assign=True)
     names = set(new.state_dict())
     offload.stored = {name: t for name, t in offload.stored.items() if name in names or not name.startswith(LAYER_PREFIX)}
+    offload.derived = {name: t for name, t in offload.derived.items() if name in names}
     attach(new, offload)
     return new
 

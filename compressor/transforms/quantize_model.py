@@ -144,7 +144,8 @@ class StoredCodes:
 
 
 def spill_codes(model, results: dict[str, QuantizedWeight]) -> dict[str, StoredCodes]:
-    """An offloaded model's new codes written to its spill folder; a resident model's kept as they are."""
+    """An offloaded model's new codes written to its spill folder (and its quantized weights read from
+    them from now on); a resident model's kept as they are."""
     offload = offload_of(model)
     if offload is None:
         return results
@@ -155,10 +156,14 @@ def spill_codes(model, results: dict[str, QuantizedWeight]) -> dict[str, StoredC
             if value is not None:
                 tensors[f"codes:{name}:{field}"] = value
     offload.replace(tensors)
-    return {name: StoredCodes(weight.fmt, {field: offload.stored[f"codes:{name}:{field}"]
-                                           for field in ("codes", "scale", "zero_point", "exact_index", "exact_value")
-                                           if getattr(weight, field) is not None})
-            for name, weight in results.items()}
+    stored = {name: StoredCodes(weight.fmt, {field: offload.stored[f"codes:{name}:{field}"]
+                                             for field in ("codes", "scale", "zero_point", "exact_index", "exact_value")
+                                             if getattr(weight, field) is not None})
+              for name, weight in results.items()}
+    # Later placements of the layer dequantize these codes (the same values set_weight gave it),
+    # so no float copy of a quantized weight is written.
+    offload.derived.update({f"{name}.weight": codes for name, codes in stored.items()})
+    return stored
 
 
 def quantize_layer_linears(model, layer: int, formats: dict[str, QuantFormat], method: str,
@@ -215,8 +220,7 @@ def quantize_model(model, formats: dict[str, QuantFormat], method: str = "gptq",
     for layer in progress(layers, f"quantizing ({method})", quiet):
         wanted = [name for name, _ in layer_linears(model, layer) if name in formats]
         layer_results = {}
-        # The quantized weights are kept (an offloaded model writes them to its spill folder).
-        with placed(model, layer, keep=[f"{name}.weight" for name in wanted]) as block:
+        with placed(model, layer) as block:
             if method == "rtn":
                 layer_results = quantize_layer_linears(model, layer, formats, method, None, keep_exact, damp, act_order)
             else:
