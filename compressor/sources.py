@@ -31,7 +31,7 @@ from compressor.manifest import verify_manifest, write_manifest
 from compressor.models.adapters import adapter_for, to_compressed
 from compressor.models.config_checks import check_dimensions, estimated_parameters
 from exporters.config_forms import form_of
-from exporters.safetensors import read_model, read_tokenizer, refuse_non_finite
+from exporters.safetensors import read_config, read_model, read_tokenizer, refuse_non_finite
 from exporters.shards import weight_files
 
 EMBEDDED = "embedded"
@@ -162,14 +162,23 @@ def open_layerwise(folder: Path, info: dict, placement: Placement) -> LoadedMode
     an untied head stay resident in their stored precision when it is narrower than the compute one
     (a bfloat16 source's 128k-row embedding is not widened to float32)."""
     raw = read_json(folder / "config.json", "config.json")
-    _check_supported(raw, str(folder))
-    check_dimensions(raw, str(folder / "config.json"))
-    try:
-        hf_config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CompressorError(f"{folder}: could not read config.json ({one_line(exc, 200)})") from None
-    adapter = adapter_for(hf_config)
-    config = adapter.compressed_config(hf_config)
+    if form_of(raw) is not None:
+        # The embedded model's float cache, in the toolkit's form: its config as it is (it keeps the
+        # source architecture), after the cache's manifest check.
+        verify_manifest(folder)
+        config = read_config(folder)
+        adapter = adapter_for(config)
+        architecture = config.source_architecture
+    else:
+        _check_supported(raw, str(folder))
+        check_dimensions(raw, str(folder / "config.json"))
+        try:
+            hf_config = AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CompressorError(f"{folder}: could not read config.json ({one_line(exc, 200)})") from None
+        adapter = adapter_for(hf_config)
+        config = adapter.compressed_config(hf_config)
+        architecture = adapter.architecture
     stored = {}
     for path in weight_files(folder):
         stored.update(file_tensors(path))
@@ -199,7 +208,7 @@ def open_layerwise(folder: Path, info: dict, placement: Placement) -> LoadedMode
     model.load_state_dict(resident, strict=False, assign=True)
     attach(model, Offload({name: t for name, t in stored.items() if name.startswith(LAYER_PREFIX)}, placement))
     tokenizer = read_tokenizer(folder)
-    return LoadedModel(model, tokenizer, dict(info, architecture=adapter.architecture))
+    return LoadedModel(model, tokenizer, dict(info, architecture=architecture))
 
 
 def _from_transformers(hf_model, tokenizer, info: dict) -> LoadedModel:
