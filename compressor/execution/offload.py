@@ -13,6 +13,7 @@ resident. A model without an Offload is resident: `placed` yields its layer as i
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import json
 import math
@@ -205,6 +206,21 @@ def is_offloaded(model) -> bool:
 def attach(model, offload: Offload) -> None:
     """Marks `model` (decoder layers on the meta device) as reading its layers through `offload`."""
     model.__dict__["_offload"] = offload  # a plain attribute: not a module, parameter or buffer
+    return_large_frees()
+
+
+def return_large_frees() -> None:
+    """Keeps blocks of 1 MiB and more in mappings of their own, returned to the system when freed.
+
+    glibc's malloc raises its mmap threshold after each large free (up to 32 MB), after which a
+    placed layer's tensors come from the heap and are not all given back when the layer is released:
+    a layer-by-layer run's resident memory then grew with every layer (measured: Llama-3.2-3B
+    shapes peaked at 4.76 GB over 28 layers and 3.77 GB over 14; Llama-3.2-1B shapes at 2.42 GB for
+    both 4 and 8 layers with a fixed 1 MiB threshold). Elsewhere (not glibc) nothing is changed."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD, which also ends the raising
+    except (OSError, AttributeError):
+        pass
 
 
 def layer_tensor_names(model, layer: int) -> list[str]:
