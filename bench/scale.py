@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from bench.common import command_line, machine, write_results
+from compressor.execution.offload import LazyTensor
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -55,19 +56,13 @@ GIB = 2**30
 
 
 @dataclass(frozen=True)
-class RandomTensor:
+class RandomTensor(LazyTensor):
     """A bfloat16 tensor of normal values (or ones, for a norm), made when the shard writer reaches it."""
 
     shape: tuple[int, ...]
     seed: int
     ones: bool = False
     dtype: torch.dtype = torch.bfloat16
-
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def element_size(self) -> int:
-        return 2
 
     def load(self) -> torch.Tensor:
         if self.ones:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from transformers import AutoTokenizer
 
 from compressor.artifact import read_json
 from compressor.errors import CompressorError, one_line, shorten
-from compressor.execution.offload import is_offloaded, offload_of, stored_state
+from compressor.execution.offload import LazyTensor, is_offloaded, offload_of, stored_state
 from compressor.serving import require_targets
 from compressor.modeling import CompressedForCausalLM, build_with_weights
 from compressor.transforms.quantize import SCALE_DTYPE
@@ -113,7 +112,7 @@ def _write_quantized(model, folder: Path, quantized: dict, serve, max_shard_byte
 
 
 @dataclass(frozen=True)
-class PackedPart:
+class PackedPart(LazyTensor):
     """One tensor pack_weight stores for a quantized weight, packed from its stored codes when read."""
 
     name: str
@@ -121,12 +120,6 @@ class PackedPart:
     key: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
 
     def load(self) -> torch.Tensor:
         return pack_weight(self.name, self.codes.load())[self.key]

@@ -33,8 +33,19 @@ from compressor.placement import CPU_FLOAT32, Placement
 LAYER_PREFIX = "model.layers."
 
 
+class LazyTensor:
+    """A tensor known by its `shape` and `dtype` and made only by `load()`: what the shard writer
+    (exporters.shards) takes beside real tensors, so that a file is never in memory whole."""
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
 @dataclass(frozen=True)
-class StoredTensor:
+class StoredTensor(LazyTensor):
     """One tensor of a safetensors file, known by its header: read only when asked."""
 
     path: str
@@ -42,21 +53,12 @@ class StoredTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
-    def numel(self) -> int:
-        count = 1
-        for d in self.shape:
-            count *= d
-        return count
-
-    def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
     def load(self) -> torch.Tensor:
         return read_tensors([self])[0]
 
 
 @dataclass(frozen=True)
-class CastTensor:
+class CastTensor(LazyTensor):
     """A stored tensor read as another dtype (what the resident model would hold)."""
 
     stored: StoredTensor
@@ -65,12 +67,6 @@ class CastTensor:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.stored.shape
-
-    def numel(self) -> int:
-        return self.stored.numel()
-
-    def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
 
     def load(self) -> torch.Tensor:
         return self.stored.load().to(self.dtype)
@@ -303,18 +299,12 @@ def stored_state(model) -> dict:
 
 
 @dataclass(frozen=True)
-class DerivedTensor:
+class DerivedTensor(LazyTensor):
     """A weight dequantized from its stored codes when read."""
 
     codes: object
     shape: tuple[int, ...]
     dtype: torch.dtype
-
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
 
     def load(self) -> torch.Tensor:
         return self.codes.load().dequantize().to(self.dtype)
