@@ -24,7 +24,7 @@ import torch
 from compressor.data import evaluation_windows, load_text
 from compressor.execution.hidden import carried
 from compressor.execution.layerwise import embed, placement_of, run_layer
-from compressor.execution.offload import is_offloaded
+from compressor.execution.offload import is_offloaded, streamed
 from compressor.modeling import KVCache
 from compressor.needles import build_cases, even_depths
 from compressor.progress import progress
@@ -114,20 +114,23 @@ def evaluate_model(model, tokenizer, settings, eval_text: str, folder: str | Pat
 
 def needle_evaluation(model, tokenizer, needles, eval_text: str, quiet: bool = False) -> dict:
     """Needle accuracy and time to first token with full attention and, when the model has one,
-    with its sparse-token filter, on the same cases."""
+    with its sparse-token filter, on the same cases. A model with its layers on disk reads each layer
+    for every forward (the prefill and each generated token): its times include those reads."""
     source = eval_text if needles.text == "auto" else needles.text
     cases = build_cases(tokenizer, load_text(source), needles.lengths, even_depths(needles.depths),
                         needles.per_cell, needles.seed)
     record = {"haystack": Path(source).name if source != "embedded" else source, "lengths": needles.lengths,
               "depths": even_depths(needles.depths), "per_cell": needles.per_cell, "seed": needles.seed,
-              "full": needle_summary(needle_suite(model, tokenizer, cases, None, needles.max_new_tokens, quiet,
-                                                  "needles (full attention)"))}
-    stored = getattr(model.config, "sparse_tokens", None)
-    if stored:
-        settings = SparseTokenSettings.from_dict(stored)
-        record["sparse_tokens"] = settings.as_dict()
-        record["sparse"] = needle_summary(needle_suite(model, tokenizer, cases, settings, needles.max_new_tokens,
-                                                       quiet, f"needles ({settings.method})"))
+              "weights": "disk" if is_offloaded(model) else "memory"}
+    with streamed(model):
+        record["full"] = needle_summary(needle_suite(model, tokenizer, cases, None, needles.max_new_tokens, quiet,
+                                                     "needles (full attention)"))
+        stored = getattr(model.config, "sparse_tokens", None)
+        if stored:
+            settings = SparseTokenSettings.from_dict(stored)
+            record["sparse_tokens"] = settings.as_dict()
+            record["sparse"] = needle_summary(needle_suite(model, tokenizer, cases, settings, needles.max_new_tokens,
+                                                           quiet, f"needles ({settings.method})"))
     return record
 
 

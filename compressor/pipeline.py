@@ -149,7 +149,6 @@ def analyze_source(source: str, recipe: Recipe, out: str | Path, quiet: bool = F
                         placement=resolve_placement(recipe.device, recipe.compute_dtype))
     spill = start_spill(loaded.model, Path(out))
     try:
-        require_layerwise(loaded.model, recipe)
         return analyze(loaded, recipe, quiet)
     finally:
         spill.close()
@@ -221,7 +220,6 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
                                                         if is_offloaded(loaded.model) else "weights in memory"))
         spill = start_spill(loaded.model, out)
         stack.callback(spill.close)
-        require_layerwise(loaded.model, recipe)
         require_source(loaded.model.config, recipe.serve, recipe.remove is not None or bool(removed_units(loaded.model.config)))
         require_free_space(staging, smallest_artifact_bytes(loaded.model, recipe), "the smallest artifact this recipe "
                            "can make")
@@ -260,18 +258,6 @@ def start_spill(model, out: Path) -> SpillFolder:
     if offload is not None:
         offload.spill = spill
     return spill
-
-
-def require_layerwise(model, recipe: Recipe) -> None:
-    """The steps that do not run one decoder layer at a time yet refuse a model with its layers on disk."""
-    if not is_offloaded(model):
-        return
-    missing = [name for name, needed in (("share", recipe.share is not None),
-                                         ("evaluate.needles", recipe.evaluate.needles is not None)) if needed]
-    if missing:
-        raise CompressorError(f"{missing[0]}: does not run with the decoder layers on disk yet (weights: disk, or "
-                              "auto for a model this large); allowed: weights: memory, or a recipe without "
-                              f"{', '.join(missing)}")
 
 
 def apply_plan(model, plan: dict, run: Run, before_quantizing=None) -> Applied:

@@ -179,7 +179,9 @@ def report_markdown(report: dict) -> str:
     needles = report["compressed"].get("needles")
     if needles:
         lines += ["", f"Needle in a haystack ({needles['haystack']}, {len(needles['depths'])} depths x "
-                      f"{needles['per_cell']} per length, greedy; TTFT is the prefill, filter included):", "",
+                      f"{needles['per_cell']} per length, greedy; TTFT is the prefill, filter included"
+                      + ("; the layers were read from disk for every forward" if needles.get("weights") == "disk"
+                         else "") + "):", "",
                   needle_table(needles)]
     return "\n".join(lines) + "\n"
 

@@ -6,8 +6,9 @@
   window; sharded sources too).
 - The layer-major runs equal the whole-model forward they replace.
 - Hidden states spilled to disk come back exactly; the shard writer's bytes are safetensors' own.
-- A device that does not exist, a precision that is not one, and steps that do not run layer by
-  layer yet are each one error line.
+- Needle answers (generation with a cache) from disk equal those in memory.
+- A device that does not exist, a precision that is not one, and a source that cannot be read layer
+  by layer are each one error line.
 """
 
 from __future__ import annotations
@@ -110,6 +111,12 @@ quantize: {method: gptq, bits: [4, 8], group_size: 32, budget: {avg_bits: 6.0}, 
 calibration: {samples: 2, seq_len: 32}
 sparse_tokens: {method: promptdistill, filter_layer: auto, keep_tokens: 64, keep_last: 8, probe: {samples: 2, tokens: 256}}
 """,
+    "removal-share-gptq": """
+calibration: {samples: 4, seq_len: 32}
+remove: {method: similarity, mlp: 1}
+share: {projections: [q_proj, v_proj, gate_proj], reduction: 0.1, group_size: 2, rank_multiple: 8, residual_rank: 4}
+quantize: {method: gptq, bits: [4, 8], group_size: channel, budget: {avg_bits: 6.0}, allocate: lim, embeddings: keep}
+""",
     "removal-only": """
 calibration: {samples: 4, seq_len: 32}
 analysis: {removal_sensitivity: true}
@@ -134,6 +141,8 @@ def test_compress_from_disk_writes_the_same_bytes(tmp_path, tiny_model_folder, n
     assert (memory / "model.safetensors").read_bytes() == (disk / "model.safetensors").read_bytes()
     assert (memory / "plan.json").read_text() == (disk / "plan.json").read_text()
     import json
+    if "share" in name:  # the plan shares bases (else the comparison would not cover the fit)
+        assert any(g["rank"] and len(g["layers"]) > 1 for g in json.loads((disk / "plan.json").read_text())["sharing"]["groups"])
     cost = json.loads((disk / "analysis.json").read_text())["cost"]
     assert cost["weights"] == "disk" and cost["device"] == "cpu" and "layer_report" in cost["stage_seconds"]
     assert not list(tmp_path.glob(".compressor-spill-*"))  # the spill folder is gone
@@ -216,12 +225,35 @@ def test_device_and_precision_errors(capsys, tmp_path, tiny_model_folder):
         assert not (tmp_path / "o").exists()
 
 
-def test_steps_not_yet_layer_by_layer_refuse_disk(tmp_path, tiny_model_folder):
+def test_needles_from_disk_answer_as_in_memory(tmp_path, tiny_model_folder):
+    import json
+
     text = """
-share: {projections: [q_proj], reduction: 0.2}
+calibration: {samples: 4, seq_len: 32}
+remove: {method: similarity, attention: 1, protect: {first: 0, last: 0}}
+sparse_tokens: {method: promptdistill, filter_layer: 1, keep_tokens: 96, keep_last: 8}
+quantize: {method: rtn, bits: [4], group_size: 32, budget: {avg_bits: 4.6}}
 """
-    with pytest.raises(CompressorError, match=r"^share: does not run with the decoder layers on disk yet"):
-        run_recipe(tmp_path, "shared", text, tiny_model_folder["llama"], "disk")
+    evaluate = "evaluate: {text: embedded, windows: 2, seq_len: 32, compare_original: false, " \
+               "speed: {prompt_tokens: 8, new_tokens: 2, repeats: 1}, " \
+               "needles: {text: embedded, lengths: [300], depths: 2, per_cell: 1, max_new_tokens: 4}}\n"
+    needles = {}
+    for weights in ("memory", "disk"):
+        path = tmp_path / f"needles-{weights}.yaml"
+        path.write_text(f"name: needles\nweights: {weights}\n" + text + evaluate)
+        out = compress(path, model=str(tiny_model_folder["llama"]), out=tmp_path / weights, quiet=True,
+                       log=lambda m: None)
+        needles[weights] = json.loads((out / "report.json").read_text())["compressed"]["needles"]
+    assert needles["disk"]["weights"] == "disk" and needles["memory"]["weights"] == "memory"
+    for variant in ("full", "sparse"):
+        for summary in (needles["memory"][variant], needles["disk"][variant]):
+            assert summary["300"]["cases"] == 2
+        strip = [{length: {k: v for k, v in row.items() if k != "median_ttft_seconds"} for length, row in n[variant].items()}
+                 for n in (needles["memory"], needles["disk"])]
+        assert strip[0] == strip[1]
+
+
+def test_gguf_refuses_disk(tmp_path):
     with pytest.raises(CompressorError, match=r"weights: disk cannot read .*\.gguf one layer at a time"):
         gguf = tmp_path / "m.gguf"
         gguf.write_bytes(b"GGUF")

@@ -18,7 +18,8 @@ import torch
 from compressor.analysis.tensor_bytes import other_tensor_bytes
 from compressor.modeling import FactoredLinear
 from compressor.progress import progress
-from compressor.transforms.share import cost_curve, dense_projection, input_second_moments, module_name, unit_of
+from compressor.execution.layerwise import placement_of
+from compressor.transforms.share import cost_curve, input_second_moments, module_name, projection_weights, unit_of
 
 # The leading input subspace compared between layers holds this fraction of the singular directions.
 SUBSPACE_FRACTION = 0.5
@@ -104,7 +105,8 @@ def sharing_analysis(model, share, calibration, windows: torch.Tensor, batch_siz
         if not layers:
             projections[projection] = {"layers": [], "shape": None, "similarity": []}
             continue
-        weights = {layer: dense_projection(model, layer, projection).weight for layer in layers}
+        # Every layer's weight at once: the similarity compares each pair of layers.
+        weights = projection_weights(model, layers, projection)
         similarity = subspace_similarity([weights[layer] for layer in layers])
         projections[projection] = {"layers": layers, "shape": list(weights[layers[0]].shape),
                                    "similarity": similarity}
@@ -119,5 +121,5 @@ def sharing_analysis(model, share, calibration, windows: torch.Tensor, batch_siz
     in_scope = {f"{module_name(layer, p)}.weight" for p, layers in layers_of.items() for layer in layers}
     other = other_tensor_bytes(model, in_scope)
     record = {"key": sharing_key(share, calibration), "projections": projections, "groups": groups,
-              "other_tensor_bytes": other, "bytes_per_parameter": model.model.embed_tokens.weight.element_size()}
+              "other_tensor_bytes": other, "bytes_per_parameter": placement_of(model)[1].itemsize}
     return record, moments

@@ -17,6 +17,7 @@ import ctypes
 import itertools
 import json
 import math
+import os
 import struct
 import shutil
 import tempfile
@@ -24,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from compressor.errors import CompressorError, one_line
@@ -80,7 +80,7 @@ def read_tensors(stored: list[StoredTensor]) -> list[torch.Tensor]:
     offsets: dict[str, tuple[int, dict]] = {}
     for item in stored:
         if item.path not in offsets:
-            offsets[item.path] = _header(item.path)
+            offsets[item.path] = read_header(item.path)
         start, header = offsets[item.path]
         entry = header.get(item.key)
         if entry is None:
@@ -100,13 +100,20 @@ def read_tensors(stored: list[StoredTensor]) -> list[torch.Tensor]:
     return out
 
 
-def _header(path: str) -> tuple[int, dict]:
+def read_header(path: str) -> tuple[int, dict]:
     """(where the data starts, the parsed header) of a safetensors file."""
     try:
         with open(path, "rb") as handle:
             size = struct.unpack("<Q", handle.read(8))[0]
             header = json.loads(handle.read(size))
-    except (OSError, struct.error, ValueError) as exc:
+        if not isinstance(header, dict) or not all(
+                isinstance(e, dict) and {"dtype", "shape", "data_offsets"} <= e.keys()
+                for k, e in header.items() if k != "__metadata__"):
+            raise ValueError("the header is not a table of tensors")
+        ends = [e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"]
+        if os.path.getsize(path) != 8 + size + max(ends, default=0):
+            raise ValueError("the file is not as long as its header says (truncated or padded)")
+    except (OSError, struct.error, ValueError, MemoryError) as exc:
         raise CompressorError(f"{path}: not a readable safetensors file ({one_line(exc, 160)})") from None
     return 8 + size, header
 
@@ -120,25 +127,22 @@ def all_finite(tensor: torch.Tensor, rows: int = 4096) -> bool:
     return all(bool(torch.isfinite(block).all()) for block in tensor.split(rows))
 
 
+# safetensors' dtype names, as torch spells them.
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
 def file_tensors(path: Path) -> dict[str, StoredTensor]:
     """Every tensor of a safetensors file, from its header."""
-    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
     found = {}
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                piece = handle.get_slice(key)
-                dtype = dtypes.get(piece.get_dtype())
-                if dtype is None:
-                    raise CompressorError(f"{path}: tensor {key} has dtype {piece.get_dtype()}; allowed: "
-                                          f"{', '.join(dtypes)}")
-                found[key] = StoredTensor(str(path), key, tuple(piece.get_shape()), dtype)
-    except CompressorError:
-        raise
-    except Exception as exc:  # as above
-        raise CompressorError(f"{path}: not a readable safetensors file ({one_line(exc, 160)})") from None
+    for key, entry in read_header(str(path))[1].items():
+        if key == "__metadata__":
+            continue
+        dtype = DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise CompressorError(f"{path}: tensor {key} has dtype {entry.get('dtype')}; allowed: {', '.join(DTYPES)}")
+        found[key] = StoredTensor(str(path), key, tuple(entry["shape"]), dtype)
     return found
 
 
@@ -225,7 +229,7 @@ def layer_tensor_names(model, layer: int) -> list[str]:
     return [prefix + name for name, _ in itertools.chain(block.named_parameters(), block.named_buffers())]
 
 
-def _set_tensor(root: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+def set_tensor(root: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = root.get_submodule(owner_name)
     if leaf in owner._parameters:
@@ -256,12 +260,12 @@ def placed(model, layer: int, keep: tuple[str, ...] | list[str] = ()):
         raise CompressorError(f"offloaded model: tensor {missing[0]} has no stored value")
     for name in names:  # one at a time: the stored copy of a tensor is dropped once it is cast
         if name in offload.derived:  # a quantized weight: its dequantized codes, as the resident model holds
-            _set_tensor(model, name, _cast(offload.derived[name].load().dequantize(), offload.placement))
+            set_tensor(model, name, _cast(offload.derived[name].load().dequantize(), offload.placement))
             continue
         value = read_tensors([offload.stored[name]])[0]
         if not all_finite(value):
             raise CompressorError(f"{offload.stored[name].path}: weight {name} holds NaN or infinite values")
-        _set_tensor(model, name, _cast(value, offload.placement))
+        set_tensor(model, name, _cast(value, offload.placement))
         del value
     offload.placed_layers.add(layer)
     try:
@@ -274,6 +278,40 @@ def placed(model, layer: int, keep: tuple[str, ...] | list[str] = ()):
         release(model, layer)
 
 
+@contextlib.contextmanager
+def streamed(model):
+    """Whole-model forwards (generation with a cache included) on an offloaded model: each decoder
+    layer is placed for its own call and released after it, so every call reads its layers again
+    (a generated token reads the whole model). A resident model is left as it is."""
+    if offload_of(model) is None:
+        yield model
+        return
+    entered: dict[int, contextlib.AbstractContextManager] = {}
+
+    def before(layer: int):
+        def hook(_module, _args):
+            context = placed(model, layer)
+            context.__enter__()
+            entered[layer] = context
+        return hook
+
+    def after(layer: int):
+        def hook(_module, _args, _output):
+            entered.pop(layer).__exit__(None, None, None)
+        return hook
+
+    handles = []
+    for layer, block in enumerate(model.model.layers):
+        handles += [block.register_forward_pre_hook(before(layer)), block.register_forward_hook(after(layer))]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for context in entered.values():  # a forward that raised left its layer placed
+            context.__exit__(None, None, None)
+
+
 def _is_parameter(model, name: str) -> bool:
     owner_name, _, leaf = name.rpartition(".")
     return leaf in model.get_submodule(owner_name)._parameters
@@ -283,7 +321,7 @@ def release(model, layer: int) -> None:
     """The layer's tensors back to the meta device (same shapes and dtypes, no memory)."""
     for name in layer_tensor_names(model, layer):
         current = model.get_parameter(name) if _is_parameter(model, name) else model.get_buffer(name)
-        _set_tensor(model, name, torch.empty(current.shape, dtype=current.dtype, device="meta"))
+        set_tensor(model, name, torch.empty(current.shape, dtype=current.dtype, device="meta"))
 
 
 def stored_state(model) -> dict:

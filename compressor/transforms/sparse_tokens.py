@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from compressor.errors import CompressorError
+from compressor.execution.offload import placed
 from compressor.modeling import KVCache, apply_rope, default_positions
 from compressor.recipe import SPARSE_METHODS, SparseTokens, default, sparse_settings_problem
 
@@ -113,7 +114,8 @@ def token_scores(model, hidden: torch.Tensor, position_ids: torch.Tensor, attent
                  layer_index: int, pool_width: int = default(SparseTokens, "pool_width")) -> torch.Tensor:
     """(batch, tokens) scores of every prompt token from the input `hidden` of layer `layer_index`:
     the last query's attention probabilities over all keys, summed over heads, average-pooled."""
-    q, k = filter_query_keys(model, hidden, position_ids, layer_index)
+    with placed(model, layer_index):  # a model with its layers on disk: this layer's weights for the call
+        q, k = filter_query_keys(model, hidden, position_ids, layer_index)
     attn = model.model.layers[layer_index].self_attn
     groups = attn.num_heads // attn.num_kv_heads
     if groups > 1:
