@@ -1,5 +1,5 @@
-"""Resident memory and speed of `compressor.load(..., packed=True)` (quantized weights kept as codes)
-against the default packed=False (float32 copies of them) and the original model.
+"""Resident memory and speed of `compressor.load` (quantized weights kept as codes, the default)
+against `packed=False` (float32 copies of them) and the original model.
 
     python -m bench.packed_memory [--artifact out/balanced] [--repeats 3]
 

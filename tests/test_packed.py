@@ -2,8 +2,8 @@
 
 - The parametrization gives exactly `QuantizedWeight.dequantize()` for every width, symmetric and
   asymmetric, per group and per channel, with weights kept exactly.
-- `compressor.load(..., packed=True)` gives the logits and greedy tokens of the default (float)
-  bit for bit, holds no float copy of a quantized weight (its tensors take about a quarter of the
+- `compressor.load` (packed by default) gives the logits and greedy tokens of `packed=False`
+  (float copies) bit for bit, holds no float copy of a quantized weight (its tensors take about a quarter of the
   dense model's bytes for those weights), and its super weights read back exact.
 - Reading an artifact as a source to compress further still gives float weights.
 """
@@ -70,7 +70,7 @@ def model_bytes(model) -> int:
 
 def test_load_keeps_codes_and_gives_the_dense_logits_exactly(tokenizer, tmp_path):
     folder, name, original = quantized_artifact(tokenizer, tmp_path / "artifact")
-    packed, dense = compressor.load(folder, packed=True), compressor.load(folder)
+    packed, dense = compressor.load(folder), compressor.load(folder, packed=False)
     assert len(packed_modules(packed.model)) == 6 * 7 + 1 and not packed_modules(dense.model)
     with torch.no_grad():
         assert torch.equal(packed.model(PROBE).logits, dense.model(PROBE).logits)
