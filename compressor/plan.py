@@ -261,6 +261,8 @@ def _check_format(where: str, field: str, record, allow_keep: bool = False) -> N
     _need_choice(where, f"{field}.bits", bits, PLAN_BITS + (("keep",) if allow_keep else ()))
     _need_choice(where, f"{field}.group_size", record.get("group_size"), PLAN_GROUP_SIZES)
     _need_choice(where, f"{field}.symmetric", record.get("symmetric"), (True, False))
+    if "scales" in record:
+        _need_choice(where, f"{field}.scales", record["scales"], ("signed", "positive"))
 
 
 def _validate_quantization(plan: dict, where: str) -> None:

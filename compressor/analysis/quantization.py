@@ -25,10 +25,13 @@ from compressor.transforms.quantize_model import (
 
 def sensitivity_key(quantize) -> dict:
     """What a recorded sensitivity measurement must match to be reused by a plan."""
-    return {"method": quantize.method, "group_size": quantize.group_size, "symmetric": quantize.symmetric,
-            "granularity": quantize.granularity, "samples": quantize.sensitivity_samples,
-            "seq_len": quantize.sensitivity_seq_len, "damp": quantize.damp, "act_order": quantize.act_order,
-            "hessian_tokens": quantize.hessian_tokens}
+    key = {"method": quantize.method, "group_size": quantize.group_size, "symmetric": quantize.symmetric,
+           "granularity": quantize.granularity, "samples": quantize.sensitivity_samples,
+           "seq_len": quantize.sensitivity_seq_len, "damp": quantize.damp, "act_order": quantize.act_order,
+           "hessian_tokens": quantize.hessian_tokens}
+    if quantize.scales == "positive":  # absent for signed scales: earlier analyses still match
+        key["scales"] = "positive"
+    return key
 
 
 def quantization_inventory(model) -> dict:

@@ -119,7 +119,15 @@ def check_costs_recorded(quantize: Quantize, analysis: dict, units: list[dict], 
 
 
 def format_record(fmt: QuantFormat) -> dict:
-    return {"bits": fmt.bits, "group_size": fmt.group_size, "symmetric": fmt.symmetric}
+    record = {"bits": fmt.bits, "group_size": fmt.group_size, "symmetric": fmt.symmetric}
+    if fmt.positive_scales:  # absent for signed scales: plans written before the option read the same
+        record["scales"] = "positive"
+    return record
+
+
+def record_format(record: dict) -> QuantFormat:
+    """The format a plan's record names (format_record's inverse)."""
+    return QuantFormat(record["bits"], record["group_size"], record["symmetric"], record.get("scales") == "positive")
 
 
 def plan_quantization(quantize: Quantize, analysis: dict) -> dict:
@@ -209,15 +217,14 @@ def apply(model, plan: dict, run: Run, record=None) -> Applied:
     spec = plan.get(PART)
     if not spec:
         return Applied(model)
-    formats = {name: QuantFormat(r["bits"], r["group_size"], r["symmetric"]) for name, r in spec["linears"].items()}
+    formats = {name: record_format(r) for name, r in spec["linears"].items()}
     keep_exact = {}
     for item in spec.get("exact_weights", []):
         weight = model.get_submodule(item["module"]).weight
         mask = keep_exact.setdefault(item["module"], torch.zeros(weight.shape, dtype=torch.bool))
         mask[item["row"], item["column"]] = True
     embedding = spec["embedding"]
-    embedding_format = None if embedding["bits"] == "keep" else QuantFormat(
-        embedding["bits"], embedding["group_size"], embedding["symmetric"])
+    embedding_format = None if embedding["bits"] == "keep" else record_format(embedding)
     calibration = run.calibration(spec["calibration"]).input_ids if spec["method"] == "gptq" else None
     codes = quantize_model(model, formats, spec["method"], calibration, batch_size=run.batch_size, damp=spec["damp"],
                            act_order=spec["act_order"], keep_exact=keep_exact, embedding=embedding_format,

@@ -30,6 +30,7 @@ class QuantFormat:
     bits: int
     group_size: int | None = 64
     symmetric: bool = True
+    positive_scales: bool = False  # symmetric only: every scale positive (compressor.recipe.Quantize.scales)
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -45,12 +46,13 @@ class QuantFormat:
 
     def label(self) -> str:
         group = "channel" if self.group_size is None else f"g{self.group_size}"
-        return f"int{self.bits}-{group}-{'sym' if self.symmetric else 'asym'}"
+        return f"int{self.bits}-{group}-{'sym' if self.symmetric else 'asym'}{'-pos' if self.positive_scales else ''}"
 
 
 def recipe_format(quantize, bits: int) -> QuantFormat:
     """The format of `bits` under a recipe's quantize section (group_size "channel": one scale per row)."""
-    return QuantFormat(bits, None if quantize.group_size == "channel" else quantize.group_size, quantize.symmetric)
+    return QuantFormat(bits, None if quantize.group_size == "channel" else quantize.group_size, quantize.symmetric,
+                       quantize.symmetric and quantize.scales == "positive")
 
 
 @dataclass
@@ -95,7 +97,13 @@ def group_parameters(groups: torch.Tensor, fmt: QuantFormat, ignore: torch.Tenso
     """Min-max scale and zero point of each row of `groups` [..., width] (ignored entries left out)."""
     qmin, qmax = code_range(fmt.bits)
     values = groups.float()
-    if fmt.symmetric:
+    if fmt.symmetric and fmt.positive_scales:
+        # The smallest positive scale that reaches both the largest weight (at qmax) and the most
+        # negative one (at qmin): no weight is clipped.
+        kept = values.masked_fill(ignore, 0) if ignore is not None else values
+        scale = torch.maximum(kept.amax(-1).clamp(min=0) / qmax, kept.amin(-1).clamp(max=0) / qmin)
+        low = None
+    elif fmt.symmetric:
         # The group's largest-magnitude weight, with its sign, lands exactly on the most negative
         # code: all 2^b codes are in use and the largest weight is exact (the scale is negative
         # when that weight is positive). Measured on the embedded model, this beats both
