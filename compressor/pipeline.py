@@ -35,7 +35,7 @@ from compressor.sources import LoadedModel, load_model
 from compressor.plan import ANALYSIS_FORMAT, check_plan_for_model, empty_plan, validate_analysis
 from compressor.placement import resolve as resolve_placement
 from compressor.process import peak_rss_mb, quiet_transformers
-from compressor.recipe import Recipe, check_name, default, load_recipe, recipe_yaml
+from compressor.recipe import Recipe, TensorRT, check_name, default, load_recipe, recipe_yaml
 from compressor.report import artifact_report, quantization_summary as summary_of_quantization, report_markdown
 from compressor.runtime import load
 from compressor.stages import quantization
@@ -43,6 +43,7 @@ from compressor.stages.run import Applied, Run
 from exporters.onnx import DEFAULT_TOLERANCE, require
 from exporters.onnx.files import DECODER_FILE, SPARSE_FILE
 from exporters.safetensors import read_model, write_model
+from exporters.tensorrt.build import Profiles, library_module
 
 
 def layer_report(loaded: LoadedModel, recipe: Recipe, run: Run) -> dict:
@@ -209,8 +210,10 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
             raise CompressorError(f"recipe name: {exc}") from None
     out = check_destination(out or Path("out") / recipe.name, force)
     check_source_apart(model or recipe.model, out)
-    if "onnx" in recipe.export:
+    if {"onnx", "tensorrt"} & set(recipe.export):
         require()  # the optional ONNX packages: checked before the analysis, not after it
+    if "tensorrt" in recipe.export:
+        library_module(recipe.tensorrt.library)  # and TensorRT: one line now, not after the compression
     with staged_folder(out, force) as staging, contextlib.ExitStack() as stack:
         source = model or recipe.model
         log(f"loading model: {source}" + (" (the first use converts the embedded GGUF file: about 20 s)"
@@ -232,10 +235,14 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
 
         analysis, plan, compressed = run_stages(loaded, recipe, run, log, before_quantizing=check_space)
         write_model(compressed.model, loaded.tokenizer, staging, compressed.codes, recipe.serve, recipe.max_shard_bytes)
-        if "onnx" in recipe.export:
+        if {"onnx", "tensorrt"} & set(recipe.export):
             from exporters.onnx.export import export_artifact as export_onnx  # optional dependency
 
             export_onnx(staging, log=log, name=out)
+        if "tensorrt" in recipe.export:
+            from exporters.tensorrt.export import export_artifact as export_tensorrt  # optional dependency (onnx)
+
+            export_tensorrt(staging, tensorrt_profiles(recipe.tensorrt), recipe.tensorrt.library, log=log, name=out)
         (staging / "recipe.yaml").write_text(recipe_yaml(recipe))
         write_json(staging / "plan.json", plan)
         write_analysis(analysis, staging)
@@ -302,7 +309,12 @@ def planned_artifact_bytes(model, plan: dict, export: list[str]) -> int:
                 if resident:
                     seen.add(tensor.data_ptr())
                 tensors += tensor.numel() * tensor.element_size()
-    return int(tensors * (2.1 if "onnx" in export else 1.0))
+    # ONNX: the graphs' weights (1.1: a tied embedding may be stored apart); TensorRT: its engines too.
+    return int(tensors * (1.0 + (1.1 if {"onnx", "tensorrt"} & set(export) else 0) + (1.1 if "tensorrt" in export else 0)))
+
+
+def tensorrt_profiles(settings) -> Profiles:
+    return Profiles(tuple(settings.batch), tuple(settings.sequence), tuple(settings.past))
 
 
 def quantization_summary(spec: dict) -> str:
@@ -348,17 +360,26 @@ def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, 
     return Path(os.path.abspath(out))
 
 
-def export_artifact(folder: Path, fmt: str, tolerance: float | None = None, log=print) -> Path:
-    """Writes an export of an existing artifact folder (inside it); returns the export's folder."""
-    if fmt != "onnx":
-        raise CompressorError(f"export format {fmt!r} is not supported; allowed: onnx")
+def export_artifact(folder: Path, fmt: str, tolerance: float | None = None, log=print, tensorrt=None) -> Path:
+    """Writes an export of an existing artifact folder (inside it); returns the export's folder.
+    `tensorrt` (a recipe's TensorRT section) sets the engines' library and profiles."""
+    if fmt not in ("onnx", "tensorrt"):
+        raise CompressorError(f"export format {fmt!r} is not supported; allowed: onnx, tensorrt")
     require()
-    from exporters.onnx.export import export_artifact as export_onnx  # optional dependency (imports onnx)
-
     if not (folder / "config.json").is_file():
         raise CompressorError(f"{folder}: not an artifact folder (needs config.json and model.safetensors or its shards)")
+    if fmt == "tensorrt":
+        from exporters.tensorrt.export import export_artifact as export_tensorrt  # optional dependency (onnx)
+
+        settings = tensorrt or TensorRT()
+        library_module(settings.library)
+        with updating_in_place(folder) as folder:
+            verify_manifest(folder, skip=("onnx/", "tensorrt/"))
+            return export_tensorrt(folder, tensorrt_profiles(settings), settings.library, log=log)
+    from exporters.onnx.export import export_artifact as export_onnx  # optional dependency (imports onnx)
+
     with updating_in_place(folder) as folder:
-        verify_manifest(folder, skip=("onnx/",))  # an export of damaged weights would inherit the damage
+        verify_manifest(folder, skip=("onnx/", "tensorrt/"))  # an export of damaged weights would inherit the damage
         return export_onnx(folder, DEFAULT_TOLERANCE if tolerance is None else tolerance, log=log)
 
 

@@ -128,6 +128,10 @@ class Quantize(Strict):
     bits: list[Literal[2, 3, 4, 8]] = Field([2, 3, 4, 8], min_length=1, max_length=MAX_LIST)
     group_size: Literal[32, 64, 128, "channel"] = 64
     symmetric: bool = True
+    # Symmetric scales: `signed` lets a group's largest-magnitude weight land on the most negative
+    # code whatever its sign (a negative scale when it is positive: every code in use); `positive`
+    # keeps every scale positive, as TensorRT requires (the range then spans max/7 or -min/8).
+    scales: Literal["signed", "positive"] = "signed"
     budget: QuantizeBudget = QuantizeBudget(avg_bits=4.0)
     allocate: Literal["sensitivity", "lim", "zd", "uniform"] = "sensitivity"
     # The allocation unit: a whole decoder layer, or its attention and MLP units separately.
@@ -281,6 +285,27 @@ class Evaluation(Strict):
     needles: Needles | None = None
 
 
+Profile = Annotated[list[Annotated[int, Field(ge=0, le=MAX_PROMPT_TOKENS)]], Field(min_length=3, max_length=3)]
+
+
+class TensorRT(Strict):
+    """How `export: [tensorrt]` builds its engines (exporters.tensorrt): the library, and min / opt /
+    max of each optimization profile axis (batch, new tokens per call, cached tokens)."""
+    library: Literal["auto", "tensorrt", "tensorrt-rtx"] = "auto"  # auto: full TensorRT when installed
+    batch: Profile = [1, 1, 4]
+    sequence: Profile = [1, 128, 2048]
+    past: Profile = [0, 512, 2048]
+
+    @field_validator("batch", "sequence", "past")
+    @classmethod
+    def _ordered(cls, value: list[int], info):
+        low, opt, high = value
+        if not low <= opt <= high or (info.field_name != "past" and low < 1):
+            raise ValueError(f"must be [min, opt, max] with min <= opt <= max"
+                             f"{' and min >= 1' if info.field_name != 'past' else ''}, got {value}")
+        return value
+
+
 class Recipe(Strict):
     # The default output folder is out/NAME. A recipe read from a file or the command line must have
     # a NAME_RULE name: 1 to 100 of letters, digits, '.', '_', '-', starting with a letter or digit
@@ -295,8 +320,10 @@ class Recipe(Strict):
     sparse_tokens: SparseTokens | None = None
     share: Share | None = None
     evaluate: Evaluation = Evaluation()
-    # model.safetensors is always written (every other format is exported from it); "onnx" adds onnx/.
-    export: list[Literal["safetensors", "onnx"]] = Field(["safetensors"], max_length=MAX_LIST)
+    # model.safetensors is always written (every other format is exported from it); "onnx" adds onnx/,
+    # "tensorrt" adds tensorrt/ (its engines are built from the ONNX graphs, so onnx/ is written too).
+    export: list[Literal["safetensors", "onnx", "tensorrt"]] = Field(["safetensors"], max_length=MAX_LIST)
+    tensorrt: TensorRT = TensorRT()
     # Weights above this many bytes are written as shards model-0000k-of-0000n.safetensors with
     # model.safetensors.index.json (exporters.shards); the default is the hub's customary 5 GB.
     max_shard_bytes: int = Field(5_000_000_000, ge=1_000_000, le=MAX_BYTES)

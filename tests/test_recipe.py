@@ -28,7 +28,7 @@ def test_unknown_top_level_key_names_it_and_lists_allowed_keys():
     assert "unknown key 'remov'" in message
     allowed = message.split("allowed here: ", 1)[1].split(", ")
     assert allowed == ["name", "description", "model", "calibration", "analysis", "remove", "quantize",
-                       "sparse_tokens", "share", "evaluate", "export", "max_shard_bytes", "serve", "device",
+                       "sparse_tokens", "share", "evaluate", "export", "tensorrt", "max_shard_bytes", "serve", "device",
                        "compute_dtype", "weights"]
 
 
@@ -83,10 +83,10 @@ def test_bad_literal_names_the_allowed_methods():
 
 
 def test_bad_export_format_names_the_allowed_one():
-    message = error_of({"export": ["tensorrt"]})
+    message = error_of({"export": ["gguf"]})
     assert "export.0" in message
-    assert "'tensorrt'" in message
-    assert "'safetensors'" in message and "'onnx'" in message
+    assert "'gguf'" in message
+    assert "'safetensors'" in message and "'onnx'" in message and "'tensorrt'" in message
 
 
 @pytest.mark.parametrize("data, field", [

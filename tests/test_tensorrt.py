@@ -1,0 +1,197 @@
+"""TensorRT engines from the artifact's ONNX export (exporters.tensorrt).
+
+- Every preparation rewrite leaves ONNX Runtime's outputs within 1e-4 of the exported graph (both
+  run with graph optimizations off, so each DequantizeLinear -> MatMul is computed as written; the
+  rewrites are exact and measure 0 here), on tiny artifacts of each kind: original, removal-only,
+  mixed 2/4/8-bit, 2/3-bit, sparse-token (both graphs, padded and unpadded prompts), shared weights.
+- What TensorRT cannot take is refused with the reason: signed (negative) scales, zero points,
+  4-bit blocks other than 64 / 128; `quantize.scales: positive` gives positive scales.
+- Where TensorRT for RTX is installed: engines build from each kind (`compress export tensorrt` and
+  `export: [tensorrt]`), the manifest's SHA-256 match the engines, and polygraphy reports every node
+  of each prepared graph supported. Where it is not, those tests skip and say so.
+- No engine is run here: that needs a CUDA GPU with a TensorRT runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compressor.cli import main
+from compressor.pipeline import compress
+from compressor.transforms.quantize import QuantFormat, rtn_quantize
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from exporters.tensorrt.build import MANIFEST, sha256  # noqa: E402 (needs nothing optional)
+from exporters.tensorrt.export import prepared_graph  # noqa: E402
+from exporters.tensorrt.prepare import PreparationError, prepare  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
+NO_RTX = "TensorRT for RTX is not installed (pip install 'compressor[tensorrt-rtx]')"
+POSITIVE = {"group_size": 64, "scales": "positive"}
+KINDS = {
+    "original": {},
+    "removal": {"remove": {"method": "similarity", "attention": 1, "mlp": 1}},
+    "mixed": {"remove": {"method": "similarity", "attention": 1},
+              "quantize": dict(POSITIVE, method="gptq", bits=[2, 4, 8], budget={"avg_bits": 4.0}, allocate="lim",
+                               embeddings=8)},
+    "low-bit": {"quantize": dict(POSITIVE, method="rtn", bits=[2, 3], budget={"avg_bits": 2.6}, allocate="lim",
+                                 embeddings="keep")},
+    "sparse": {"remove": {"method": "similarity", "attention": 1, "protect": {"first": 0, "last": 0}},
+               "sparse_tokens": {"method": "promptdistill", "filter_layer": 1, "keep_tokens": 96, "keep_last": 8},
+               "quantize": dict(POSITIVE, method="rtn", bits=[4], budget={"avg_bits": 4.6}, embeddings="keep")},
+    "shared": {"share": {"projections": ["q_proj", "k_proj"], "reduction": 0.2, "group_size": 2, "rank_multiple": 8}},
+    "signed": {"quantize": {"method": "rtn", "bits": [4], "group_size": 64, "budget": {"avg_bits": 4.6}}},
+    "asymmetric": {"quantize": dict(POSITIVE, method="rtn", bits=[4], symmetric=False, budget={"avg_bits": 4.6})},
+    "group-32": {"quantize": {"method": "rtn", "bits": [4], "group_size": 32, "scales": "positive",
+                              "budget": {"avg_bits": 4.6}}},
+}
+REFUSED = {"signed": r"scales are negative .* quantize with scales: positive",
+           "asymmetric": r"non-zero zero points .* symmetric: true",
+           "group-32": r"4-bit block size 32; TensorRT's INT4 block quantization takes 64 or 128"}
+EVALUATE = {"windows": 1, "seq_len": 32, "compare_original": False,
+            "speed": {"prompt_tokens": 8, "new_tokens": 2, "repeats": 1}}
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_model_folder):
+    root = tmp_path_factory.mktemp("tensorrt")
+    built = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            recipe = root / f"{kind}.yaml"
+            recipe.write_text(json.dumps(dict({"name": kind, "calibration": {"samples": 4, "seq_len": 32},
+                                               "evaluate": EVALUATE, "export": ["safetensors", "onnx"]}, **KINDS[kind])))
+            built[kind] = compress(recipe, str(tiny_model_folder["llama"]), root / kind, quiet=True, log=lambda m: None)
+        return built[kind]
+
+    return get
+
+
+def feeds(session, batch: int = 2, new: int = 5, past: int = 3, prompt: int = 120, padded: bool = False) -> dict:
+    """Inputs for either graph: the decoder (new tokens after `past` cached ones) or the sparse prefill."""
+    rng = np.random.default_rng(0)
+    names = {i.name for i in session.get_inputs()}
+    if "past_key_values.0.key" not in names and "position_ids" not in names:  # the sparse prefill graph
+        mask = np.ones((batch, prompt), np.int64)
+        if padded:
+            mask[0, :17] = 0
+        return {"input_ids": rng.integers(1, 500, (batch, prompt)).astype(np.int64), "attention_mask": mask}
+    out = {}
+    for item in session.get_inputs():
+        if item.name == "input_ids":
+            out[item.name] = rng.integers(1, 500, (batch, new)).astype(np.int64)
+        elif item.name == "attention_mask":
+            out[item.name] = np.ones((batch, past + new), np.int64)
+        elif item.name == "position_ids":
+            out[item.name] = np.tile(np.arange(past, past + new), (batch, 1)).astype(np.int64)
+        elif item.name == "logits_index":
+            out[item.name] = np.arange(new).astype(np.int64)
+        else:
+            shape = [batch if d == "batch" else past if isinstance(d, str) else d for d in item.shape]
+            out[item.name] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+def outputs(model, **kwargs) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds(session, **kwargs))
+
+
+def graphs(folder: Path) -> list[Path]:
+    return sorted((folder / "onnx").glob("*.onnx"))
+
+
+@pytest.mark.parametrize("kind", ["original", "removal", "mixed", "low-bit", "sparse", "shared"])
+def test_preparation_leaves_onnx_runtime_outputs_equal(artifact, kind):
+    folder = artifact(kind)
+    for graph in graphs(folder):
+        exported = onnx.load(str(graph))
+        prepared = copy.deepcopy(exported)
+        record = prepare(prepared)
+        assert record["folded_constants"] > 0
+        if kind in ("mixed", "low-bit"):
+            assert record["two_bit_into_int4"] > 0 and record["quantized"]["int4_block"] > 0
+        cases = [{}, {"padded": True}] if graph.name == "prefill_sparse.onnx" else [{}, {"past": 0, "new": 7}]
+        for case in cases:
+            before, after = outputs(exported, **case), outputs(prepared, **case)
+            assert len(before) == len(after)
+            for x, y in zip(before, after):
+                assert x.shape == y.shape
+                difference = float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max()) if x.size else 0.0
+                assert difference <= 1e-4, (graph.name, case, difference)
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED))
+def test_what_tensorrt_cannot_take_is_refused_with_the_reason(artifact, kind):
+    with pytest.raises(PreparationError, match=REFUSED[kind]):
+        prepare(onnx.load(str(artifact(kind) / "onnx" / "model.onnx")))
+
+
+def test_positive_scales_are_positive_and_clip_nothing():
+    weight = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
+    signed = rtn_quantize(weight, QuantFormat(4, 64))
+    positive = rtn_quantize(weight, QuantFormat(4, 64, positive_scales=True))
+    assert (signed.scale < 0).any() and (positive.scale > 0).all()
+    step = positive.scale.float().repeat_interleave(64, dim=1)
+    assert float(((positive.dequantize() - weight).abs() / step).max()) <= 0.5 + 1e-3
+    assert int(positive.codes.min()) >= -8 and int(positive.codes.max()) <= 7
+
+
+@pytest.mark.skipif(not HAS_RTX, reason=NO_RTX)
+@pytest.mark.parametrize("kind", ["original", "removal", "mixed", "low-bit", "sparse", "shared"])
+def test_engines_build_with_tensorrt_rtx(artifact, kind, capsys):
+    folder = artifact(kind)
+    assert main(["export", "tensorrt", str(folder), "--sequence", "1,16,256", "--past", "0,16,256", "--quiet"]) == 0
+    manifest = json.loads((folder / "tensorrt" / MANIFEST).read_text())
+    expected = {f"{graph.stem}.engine" for graph in graphs(folder)}
+    assert set(manifest["engines"]) == expected and manifest["library"] == "tensorrt_rtx"
+    for engine, info in manifest["engines"].items():
+        assert info["sha256"] == sha256(folder / "tensorrt" / engine) and info["bytes"] > 0
+    assert (folder / "tensorrt" / manifest["timing_cache"]).stat().st_size > 0
+    assert manifest["profiles"]["sequence"] == [1, 16, 256]
+    assert (manifest["token_selection"] is not None) == (kind == "sparse")
+    print(kind, {engine: (info["bytes"], round(info["build_seconds"], 1)) for engine, info in manifest["engines"].items()})
+
+
+@pytest.mark.skipif(not HAS_RTX or importlib.util.find_spec("polygraphy") is None, reason=NO_RTX + " or polygraphy")
+@pytest.mark.parametrize("kind", ["mixed", "sparse"])
+def test_polygraphy_reports_every_node_supported(artifact, kind, tmp_path):
+    for graph in graphs(artifact(kind)):
+        target = tmp_path / graph.name
+        prepared_graph(graph, target)
+        done = subprocess.run([str(Path(sys.executable).parent / "polygraphy"), "inspect", "capability", str(target)],
+                              capture_output=True, text=True, env=dict(os.environ, POLYGRAPHY_USE_TENSORRT_RTX="1"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "Graph is fully supported by TensorRT" in done.stdout + done.stderr
+
+
+@pytest.mark.skipif(not HAS_RTX, reason=NO_RTX)
+def test_recipe_export_tensorrt_writes_engines_and_bad_input_is_one_line(tmp_path, tiny_model_folder, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "r", "calibration": {"samples": 2, "seq_len": 32}, "evaluate": EVALUATE,
+                                  "export": ["tensorrt"], "tensorrt": {"sequence": [1, 8, 64], "past": [0, 8, 64]},
+                                  "quantize": dict(POSITIVE, method="rtn", bits=[4], budget={"avg_bits": 4.6})}))
+    out = compress(recipe, str(tiny_model_folder["llama"]), tmp_path / "out", quiet=True, log=lambda m: None)
+    assert (out / "onnx" / "model.onnx").is_file() and (out / "tensorrt" / "model.engine").is_file()
+    assert main(["verify", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["export", "tensorrt", str(out), "--batch", "2,1,4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tensorrt.batch: must be [min, opt, max]" in err[0]
