@@ -1,7 +1,8 @@
 """Loading an artifact for use: `compressor.load(folder)` gives generate / score on a chosen backend.
 
 Backends: "torch" (the compressed model in PyTorch), "onnxruntime" (the artifact's `onnx/` export in
-ONNX Runtime sessions; CUDA execution provider first when onnxruntime-gpu is installed) and "auto"
+ONNX Runtime sessions; CUDA execution provider first when onnxruntime-gpu is installed), "tensorrt"
+(the engines of `tensorrt/` on a CUDA GPU; exporters.tensorrt.runtime, not run anywhere yet) and "auto"
 (onnxruntime when the artifact has an ONNX export and onnx and onnxruntime are installed, else
 torch). Both run the same decode loop (greedy or sampling, stop tokens, max tokens) and give the
 same answers. Only the onnxruntime backend imports onnx, onnxruntime and the ONNX loader.
@@ -24,18 +25,20 @@ from exporters.onnx import RUNTIME_REQUIRED, missing, require
 from exporters.onnx.files import DECODER_FILE, ONNX_DIR
 from exporters.safetensors import read_config, read_model, read_tokenizer
 
-BACKENDS = ("torch", "onnxruntime", "auto")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 
 
 class Artifact:
     """A loaded artifact: the compressed model (torch backend) or its ONNX Runtime sessions, its
     tokenizer, and the plan and report beside it."""
 
-    def __init__(self, folder: Path, model, tokenizer, config=None, onnx=None):
+    def __init__(self, folder: Path, model, tokenizer, config=None, onnx=None, backend: str | None = None):
         self.folder = folder
-        self.model = model  # None on the onnxruntime backend
-        self.onnx = onnx  # exporters.onnx.loader.OnnxDecoder on the onnxruntime backend
-        self.backend = "torch" if onnx is None else "onnxruntime"
+        self.model = model  # None on the onnxruntime and tensorrt backends
+        # exporters.onnx.loader.OnnxDecoder (onnxruntime) or exporters.tensorrt.runtime.TensorRTDecoder
+        # (tensorrt): the same interface, run by the same decode loop.
+        self.onnx = onnx
+        self.backend = backend or ("torch" if onnx is None else "onnxruntime")
         self.config = model.config if model is not None else config
         self.tokenizer = tokenizer
         self.plan = _optional_json(folder / "plan.json")
@@ -179,6 +182,12 @@ def load(folder: str | Path, backend: str = "torch", providers: list[str] | None
     if backend == "torch":
         model, tokenizer = read_model(folder, packed=packed)
         return Artifact(folder, model, tokenizer)
+    if backend == "tensorrt":
+        from exporters.tensorrt.runtime import TensorRTDecoder  # imports TensorRT only when it runs
+
+        decoder = TensorRTDecoder(folder, verify)
+        return Artifact(folder, None, read_tokenizer(folder), config=read_config(folder), onnx=decoder,
+                        backend="tensorrt")
     require(RUNTIME_REQUIRED, "backend 'onnxruntime'")
     # Here, not at the top: the loader's checks and sessions import onnx and onnxruntime, optional
     # packages that the torch backend (and "auto" without them) must not need.

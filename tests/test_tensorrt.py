@@ -9,7 +9,8 @@
 - Where TensorRT for RTX is installed: engines build from each kind (`compress export tensorrt` and
   `export: [tensorrt]`), the manifest's SHA-256 match the engines, and polygraphy reports every node
   of each prepared graph supported. Where it is not, those tests skip and say so.
-- No engine is run here: that needs a CUDA GPU with a TensorRT runtime.
+- `backend="tensorrt"` without engines, or without a CUDA GPU, is one clear error. No engine is run
+  here: that needs a CUDA GPU with a TensorRT runtime.
 """
 
 from __future__ import annotations
@@ -195,3 +196,21 @@ def test_recipe_export_tensorrt_writes_engines_and_bad_input_is_one_line(tmp_pat
     assert main(["export", "tensorrt", str(out), "--batch", "2,1,4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tensorrt.batch: must be [min, opt, max]" in err[0]
+
+
+def test_tensorrt_backend_without_engines_or_gpu_is_one_clear_error(artifact):
+    import compressor
+    from compressor.errors import CompressorError
+
+    folder = artifact("original")
+    if not (folder / "tensorrt").is_dir():
+        with pytest.raises(CompressorError, match=r"no TensorRT engines .*`compress export tensorrt "):
+            compressor.load(folder, backend="tensorrt", verify=False)
+    if not HAS_RTX:
+        pytest.skip(NO_RTX + ": no engines to load")
+    if not (folder / "tensorrt").is_dir():
+        assert main(["export", "tensorrt", str(folder), "--sequence", "1,16,256", "--past", "0,16,256", "--quiet"]) == 0
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: running the engines is not covered by this CPU test")
+    with pytest.raises(CompressorError, match=r"backend 'tensorrt' needs a CUDA GPU"):
+        compressor.load(folder, backend="tensorrt", verify=False)

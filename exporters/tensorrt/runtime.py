@@ -1,0 +1,157 @@
+"""`compressor.load(DIR, backend="tensorrt")`: the engines of `DIR/tensorrt/` behind the same decoder
+interface as the ONNX Runtime backend (`logits`, `prefill`, `decode`), so `generate`, `score` and
+`select` run through the shared decode loop. Inputs and outputs are torch CUDA tensors whose
+addresses the execution context reads; the KV cache stays on the GPU between steps.
+
+Without a CUDA GPU, or without the TensorRT runtime the engines were built with, loading is one
+clear error before anything else. NOT VERIFIED: no machine here has a GPU with a TensorRT runtime,
+so this module's execution path has never run; only its refusals are tested.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from compressor.errors import CompressorError
+from exporters.tensorrt.build import MANIFEST, TENSORRT_DIR, sha256
+
+
+@dataclass
+class EngineState:
+    """Decoding state as exporters.onnx.loader.OnnxState holds it; the cache as CUDA tensors."""
+
+    logits: np.ndarray
+    cache: list
+    attention_mask: np.ndarray
+    next_positions: np.ndarray
+    selected: list[np.ndarray] | None = None
+
+
+def require_runtime(folder: Path) -> tuple[dict, str]:
+    """(the engines' manifest, the TensorRT module to run them with), or one clear error."""
+    manifest_path = folder / TENSORRT_DIR / MANIFEST
+    if not manifest_path.is_file():
+        raise CompressorError(f"{folder}: no TensorRT engines ({TENSORRT_DIR}/{MANIFEST} is missing); build them with "
+                              f"`compress export tensorrt {folder}`")
+    manifest = json.loads(manifest_path.read_text())
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CompressorError(f"backend 'tensorrt' needs a CUDA GPU, and this torch sees none "
+                              f"(the engines in {folder / TENSORRT_DIR} were built for {manifest.get('library')})")
+    module = manifest.get("library", "tensorrt")
+    if importlib.util.find_spec(module) is None:
+        raise CompressorError(f"backend 'tensorrt': the engines were built with {module} "
+                              f"{manifest.get('library_version', '')}, which is not installed here")
+    return manifest, module
+
+
+class TensorRTDecoder:
+    def __init__(self, folder: Path, verify: bool = True):
+        import torch
+
+        self.manifest, module = require_runtime(folder)
+        trt = importlib.import_module(module)
+        self.trt, self.torch = trt, torch
+        self.folder = folder / TENSORRT_DIR
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+        self.engines, self.contexts = {}, {}
+        for name, info in self.manifest["engines"].items():
+            path = self.folder / name
+            if verify and sha256(path) != info["sha256"]:
+                raise CompressorError(f"{path}: its SHA-256 differs from {MANIFEST}'s (a damaged or replaced engine)")
+            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise CompressorError(f"{path}: {module} could not deserialize it (another version or GPU than "
+                                      f"it was built for: {self.manifest.get('library_version')}, "
+                                      f"{self.manifest.get('targets')})")
+            self.engines[name], self.contexts[name] = engine, engine.create_execution_context()
+        self.has_sparse_prefill = "prefill_sparse.engine" in self.engines
+        decoder = self.engines["model.engine"]
+        names = [decoder.get_tensor_name(i) for i in range(decoder.num_io_tensors)]
+        self.past_names = [n for n in names if n.startswith("past_key_values.")]
+        if self.past_names:
+            shape = decoder.get_tensor_shape(self.past_names[0])
+            self.kv_heads, self.head_dim = shape[1], shape[3]
+        self.stream = torch.cuda.Stream()
+
+    def _dtype(self, engine, name: str):
+        trt, torch = self.trt, self.torch
+        table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT64: torch.int64,
+                 trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool, trt.DataType.BF16: torch.bfloat16}
+        return table[engine.get_tensor_dtype(name)]
+
+    def _execute(self, engine_name: str, inputs: dict) -> list:
+        """Runs one engine; `inputs` maps input names to numpy arrays or CUDA tensors; returns the
+        outputs (CUDA tensors) in the engine's order."""
+        torch, trt = self.torch, self.trt
+        engine, context = self.engines[engine_name], self.contexts[engine_name]
+        held, outputs = [], []
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
+                continue
+            value = inputs[name]
+            tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+            tensor = tensor.to(device="cuda", dtype=self._dtype(engine, name)).contiguous()
+            context.set_input_shape(name, tuple(tensor.shape))
+            held.append(tensor if tensor.numel() else torch.empty(1, dtype=tensor.dtype, device="cuda"))
+            context.set_tensor_address(name, held[-1].data_ptr())
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            if engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
+                continue
+            shape = tuple(context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise CompressorError(f"{engine_name}: output {name} has a data-dependent shape {shape}")
+            out = torch.empty(shape, dtype=self._dtype(engine, name), device="cuda")
+            context.set_tensor_address(name, (out if out.numel() else torch.empty(1, device="cuda")).data_ptr())
+            outputs.append(out)
+        if not context.execute_async_v3(self.stream.cuda_stream):
+            raise CompressorError(f"{engine_name}: TensorRT failed to run it")
+        self.stream.synchronize()
+        return outputs
+
+    def _run(self, ids, mask, positions, logits_index, cache) -> list:
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
+                 "position_ids": positions.astype(np.int64), "logits_index": np.asarray(logits_index, np.int64)}
+        feeds.update(zip(self.past_names, cache))
+        return self._execute("model.engine", feeds)
+
+    def _empty_cache(self, batch: int) -> list:
+        return [self.torch.zeros((batch, self.kv_heads, 0, self.head_dim), device="cuda") for _ in self.past_names]
+
+    def logits(self, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        mask = np.ones_like(ids) if mask is None else mask
+        positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+        out = self._run(ids, mask, positions, np.arange(ids.shape[1]), self._empty_cache(ids.shape[0]))
+        return out[0].float().cpu().numpy()
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray | None = None, sparse: bool = False) -> EngineState:
+        mask = np.ones_like(ids) if mask is None else mask
+        if sparse:
+            if not self.has_sparse_prefill:
+                raise CompressorError(f"{self.folder}: these engines have no sparse-token prefill")
+            outputs = self._execute("prefill_sparse.engine", {"input_ids": ids, "attention_mask": mask})
+            logits, selected, next_positions = (t.cpu().numpy() for t in outputs[:3])
+            starts = mask.shape[1] - mask.sum(-1)
+            return EngineState(logits.astype(np.float32), list(outputs[3:]), np.ones_like(selected), next_positions,
+                               [row - start for row, start in zip(selected, starts)])
+        positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+        outputs = self._run(ids, mask, positions, np.array([ids.shape[1] - 1]), self._empty_cache(ids.shape[0]))
+        return EngineState(outputs[0][:, -1].float().cpu().numpy(), list(outputs[1:]), mask, mask.sum(-1))
+
+    def decode(self, tokens: np.ndarray, state: EngineState) -> np.ndarray:
+        state.attention_mask = np.concatenate([state.attention_mask, np.ones_like(state.attention_mask[:, :1])], 1)
+        outputs = self._run(tokens.reshape(-1, 1), state.attention_mask, state.next_positions[:, None],
+                            np.array([0]), state.cache)
+        state.cache = list(outputs[1:])
+        state.next_positions = state.next_positions + 1
+        state.logits = outputs[0][:, -1].float().cpu().numpy()
+        return state.logits
