@@ -147,7 +147,52 @@ class OnnxState:
     selected: list[np.ndarray] | None = None
 
 
-class OnnxDecoder:
+class CachedDecoder:
+    """What the shared decode loop (compressor.runtime) calls on a graph runtime: whole-batch logits,
+    a prefill (full, or with the sparse-token filter) and one decode step with the cache kept.
+    Subclasses run the graphs: `_run` (the decoder: ids, mask, positions, logits index, cache ->
+    logits, present cache), `_run_sparse` (the sparse prefill: logits, selected, next positions,
+    cache), `_empty_cache`, and `_host` (an output as a numpy array)."""
+
+    folder: Path
+    has_sparse_prefill: bool = False
+
+    @staticmethod
+    def _host(value) -> np.ndarray:
+        return value
+
+    def logits(self, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """(batch, seq, vocab) logits of a whole (left-padded) batch, no cache kept."""
+        mask = np.ones_like(ids) if mask is None else mask
+        positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+        return self._host(self._run(ids, mask, positions, np.arange(ids.shape[1]), self._empty_cache(ids.shape[0]))[0])
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray | None = None, sparse: bool = False) -> OnnxState:
+        mask = np.ones_like(ids) if mask is None else mask
+        if sparse:
+            if not self.has_sparse_prefill:
+                raise CompressorError(f"{self.folder}: this export has no sparse-token prefill graph")
+            outputs = self._run_sparse(ids, mask)
+            logits, selected, next_positions = (self._host(o) for o in outputs[:3])
+            starts = mask.shape[1] - mask.sum(-1)
+            return OnnxState(logits, list(outputs[3:]), np.ones_like(selected), next_positions,
+                             [row - start for row, start in zip(selected, starts)])
+        positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+        outputs = self._run(ids, mask, positions, np.array([ids.shape[1] - 1]), self._empty_cache(ids.shape[0]))
+        return OnnxState(self._host(outputs[0])[:, -1], list(outputs[1:]), mask, mask.sum(-1))
+
+    def decode(self, tokens: np.ndarray, state: OnnxState) -> np.ndarray:
+        """Feeds one token per row after `state` (advanced in place); returns next-token logits."""
+        state.attention_mask = np.concatenate([state.attention_mask, np.ones_like(state.attention_mask[:, :1])], 1)
+        outputs = self._run(tokens.reshape(-1, 1), state.attention_mask, state.next_positions[:, None],
+                            np.array([0]), state.cache)
+        state.cache = list(outputs[1:])
+        state.next_positions = state.next_positions + 1
+        state.logits = self._host(outputs[0])[:, -1]
+        return state.logits
+
+
+class OnnxDecoder(CachedDecoder):
     def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
                  optimization: str = "all", matmul_accuracy: str = "fp32", graph: str = DECODER_FILE):
         import onnxruntime as ort  # optional dependency
@@ -192,34 +237,6 @@ class OnnxDecoder:
     def _empty_cache(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32) for _ in self.past_names]
 
-    def logits(self, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-        """(batch, seq, vocab) logits of a whole (left-padded) batch, no cache kept."""
-        mask = np.ones_like(ids) if mask is None else mask
-        positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
-        return self._run(ids, mask, positions, np.arange(ids.shape[1]), self._empty_cache(ids.shape[0]))[0]
-
-    def prefill(self, ids: np.ndarray, mask: np.ndarray | None = None, sparse: bool = False) -> OnnxState:
-        mask = np.ones_like(ids) if mask is None else mask
-        if sparse:
-            if self.sparse_session is None:
-                raise CompressorError(f"{self.folder}: this export has no sparse-token prefill graph")
-            outputs = self.sparse_session.run(None, {"input_ids": ids.astype(np.int64),
-                                                     "attention_mask": mask.astype(np.int64)})
-            logits, selected, next_positions, cache = outputs[0], outputs[1], outputs[2], outputs[3:]
-            starts = mask.shape[1] - mask.sum(-1)
-            return OnnxState(logits, list(cache), np.ones_like(selected), next_positions,
-                             [row - start for row, start in zip(selected, starts)])
-        positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
-        outputs = self._run(ids, mask, positions, np.array([ids.shape[1] - 1]), self._empty_cache(ids.shape[0]))
-        return OnnxState(outputs[0][:, -1], list(outputs[1:]), mask, mask.sum(-1))
-
-    def decode(self, tokens: np.ndarray, state: OnnxState) -> np.ndarray:
-        """Feeds one token per row after `state` (advanced in place); returns next-token logits."""
-        state.attention_mask = np.concatenate([state.attention_mask, np.ones_like(state.attention_mask[:, :1])], 1)
-        outputs = self._run(tokens.reshape(-1, 1), state.attention_mask, state.next_positions[:, None],
-                            np.array([0]), state.cache)
-        state.cache = list(outputs[1:])
-        state.next_positions = state.next_positions + 1
-        state.logits = outputs[0][:, -1]
-        return state.logits
+    def _run_sparse(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        return self.sparse_session.run(None, {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)})
 

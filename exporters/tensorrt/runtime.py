@@ -1,6 +1,6 @@
-"""`compressor.load(DIR, backend="tensorrt")`: the engines of `DIR/tensorrt/` behind the same decoder
-interface as the ONNX Runtime backend (`logits`, `prefill`, `decode`), so `generate`, `score` and
-`select` run through the shared decode loop. Inputs and outputs are torch CUDA tensors whose
+"""`compressor.load(DIR, backend="tensorrt")`: the engines of `DIR/tensorrt/` behind the decoder
+interface the ONNX Runtime backend has (exporters.onnx.loader.CachedDecoder: `logits`, `prefill`,
+`decode`), so `generate`, `score` and `select` run through the shared decode loop. Inputs and outputs are torch CUDA tensors whose
 addresses the execution context reads; the KV cache stays on the GPU between steps.
 
 Without a CUDA GPU, or without the TensorRT runtime the engines were built with, loading is one
@@ -13,24 +13,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from compressor.errors import CompressorError
+from exporters.onnx.loader import CachedDecoder
 from exporters.tensorrt.build import MANIFEST, TENSORRT_DIR, sha256
-
-
-@dataclass
-class EngineState:
-    """Decoding state as exporters.onnx.loader.OnnxState holds it; the cache as CUDA tensors."""
-
-    logits: np.ndarray
-    cache: list
-    attention_mask: np.ndarray
-    next_positions: np.ndarray
-    selected: list[np.ndarray] | None = None
 
 
 def require_runtime(folder: Path) -> tuple[dict, str]:
@@ -52,7 +41,7 @@ def require_runtime(folder: Path) -> tuple[dict, str]:
     return manifest, module
 
 
-class TensorRTDecoder:
+class TensorRTDecoder(CachedDecoder):
     def __init__(self, folder: Path, verify: bool = True):
         import torch
 
@@ -127,31 +116,9 @@ class TensorRTDecoder:
     def _empty_cache(self, batch: int) -> list:
         return [self.torch.zeros((batch, self.kv_heads, 0, self.head_dim), device="cuda") for _ in self.past_names]
 
-    def logits(self, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-        mask = np.ones_like(ids) if mask is None else mask
-        positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
-        out = self._run(ids, mask, positions, np.arange(ids.shape[1]), self._empty_cache(ids.shape[0]))
-        return out[0].float().cpu().numpy()
+    def _run_sparse(self, ids: np.ndarray, mask: np.ndarray) -> list:
+        return self._execute("prefill_sparse.engine", {"input_ids": ids, "attention_mask": mask})
 
-    def prefill(self, ids: np.ndarray, mask: np.ndarray | None = None, sparse: bool = False) -> EngineState:
-        mask = np.ones_like(ids) if mask is None else mask
-        if sparse:
-            if not self.has_sparse_prefill:
-                raise CompressorError(f"{self.folder}: these engines have no sparse-token prefill")
-            outputs = self._execute("prefill_sparse.engine", {"input_ids": ids, "attention_mask": mask})
-            logits, selected, next_positions = (t.cpu().numpy() for t in outputs[:3])
-            starts = mask.shape[1] - mask.sum(-1)
-            return EngineState(logits.astype(np.float32), list(outputs[3:]), np.ones_like(selected), next_positions,
-                               [row - start for row, start in zip(selected, starts)])
-        positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
-        outputs = self._run(ids, mask, positions, np.array([ids.shape[1] - 1]), self._empty_cache(ids.shape[0]))
-        return EngineState(outputs[0][:, -1].float().cpu().numpy(), list(outputs[1:]), mask, mask.sum(-1))
-
-    def decode(self, tokens: np.ndarray, state: EngineState) -> np.ndarray:
-        state.attention_mask = np.concatenate([state.attention_mask, np.ones_like(state.attention_mask[:, :1])], 1)
-        outputs = self._run(tokens.reshape(-1, 1), state.attention_mask, state.next_positions[:, None],
-                            np.array([0]), state.cache)
-        state.cache = list(outputs[1:])
-        state.next_positions = state.next_positions + 1
-        state.logits = outputs[0][:, -1].float().cpu().numpy()
-        return state.logits
+    @staticmethod
+    def _host(value) -> np.ndarray:
+        return (value.float() if value.is_floating_point() else value).cpu().numpy()
