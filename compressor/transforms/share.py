@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import save_file
 
 from compressor.errors import CompressorError
 from compressor.execution.layerwise import embedded_batches, placement_of, run_block
@@ -197,18 +196,17 @@ class SecondMoments(Mapping):
     keeps these in its spill folder, one file per layer, read back when asked for: they are as large
     as its layers (Llama-3.2-3B: about 0.9 GB a layer for all seven projections)."""
 
-    def __init__(self, wanted: set[tuple[int, str]], spill=None, device=None):
-        self.wanted, self.spill, self.device = sorted(wanted), spill, device
+    def __init__(self, wanted: set[tuple[int, str]], offload=None, device=None):
+        self.wanted, self.offload, self.device = sorted(wanted), offload, device
         self.held: dict[tuple[int, str], torch.Tensor | StoredTensor] = {}
 
     def put(self, layer: int, by_input: dict[str, torch.Tensor]) -> None:
-        if self.spill is None:
+        if self.offload is None:
             self.held.update({(layer, kind): m for kind, m in by_input.items()})
             return
-        path = self.spill.new_file()
-        save_file({kind: m.to("cpu").contiguous() for kind, m in by_input.items()}, str(path))
-        self.held.update({(layer, kind): StoredTensor(str(path), kind, tuple(m.shape), m.dtype)
-                          for kind, m in by_input.items()})
+        names = {kind: f"moments:{layer}:{kind}" for kind in by_input}
+        self.offload.replace({names[kind]: m for kind, m in by_input.items()})  # the spill folder, as codes go
+        self.held.update({(layer, kind): self.offload.stored[name] for kind, name in names.items()})
 
     def __getitem__(self, key: tuple[int, str]) -> torch.Tensor:
         layer, projection = key
@@ -236,7 +234,7 @@ def input_second_moments(model, windows: torch.Tensor, batch_size: int, wanted: 
     for layer, projection in sorted(wanted):
         readers.setdefault(layer, {}).setdefault(INPUT_OF[projection], projection)
     offload = offload_of(model)
-    moments = SecondMoments(wanted, offload.spill if offload is not None else None, placement_of(model)[0])
+    moments = SecondMoments(wanted, offload, placement_of(model)[0])
     if not readers:
         return moments
     hidden = embedded_batches(model, windows, batch_size)
