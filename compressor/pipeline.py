@@ -214,6 +214,11 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
         require()  # the optional ONNX packages: checked before the analysis, not after it
     if "tensorrt" in recipe.export:
         library_module(recipe.tensorrt.library)  # and TensorRT: one line now, not after the compression
+        from exporters.tensorrt.prepare import recipe_problem  # optional dependency (imports onnx)
+
+        problem = recipe_problem(recipe.quantize)
+        if problem:
+            raise CompressorError(f"export: tensorrt cannot take {problem}")
     with staged_folder(out, force) as staging, contextlib.ExitStack() as stack:
         source = model or recipe.model
         log(f"loading model: {source}" + (" (the first use converts the embedded GGUF file: about 20 s)"

@@ -196,6 +196,12 @@ def test_recipe_export_tensorrt_writes_engines_and_bad_input_is_one_line(tmp_pat
     assert main(["export", "tensorrt", str(out), "--batch", "2,1,4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tensorrt.batch: must be [min, opt, max]" in err[0]
+    signed = tmp_path / "signed.yaml"  # refused before any work, not after the compression
+    signed.write_text(recipe.read_text().replace('"scales": "positive", ', ""))
+    assert main(["--recipe", str(signed), "--model", str(tiny_model_folder["llama"]), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "export: tensorrt cannot take quantize.scales: signed" in err[0]
+    assert not (tmp_path / "s").exists()
 
 
 def test_tensorrt_backend_without_engines_or_gpu_is_one_clear_error(artifact):

@@ -376,6 +376,20 @@ def check_quantized(model: onnx.ModelProto) -> dict:
     return found
 
 
+def recipe_problem(quantize) -> str | None:
+    """What in a recipe's quantize section the preparation would refuse (checked before any work)."""
+    if quantize is None:
+        return None
+    if not quantize.symmetric:
+        return "quantize.symmetric: false (zero points); TensorRT takes symmetric weights only"
+    if quantize.scales != "positive":
+        return "quantize.scales: signed (negative scales); TensorRT takes positive scales only: scales: positive"
+    if quantize.group_size not in ("channel", *INT4_BLOCKS) and any(b <= 4 for b in quantize.bits):
+        return (f"quantize.group_size: {quantize.group_size} at 4 bits or fewer; TensorRT's INT4 blocks are "
+                f"{' or '.join(map(str, INT4_BLOCKS))}")
+    return None
+
+
 def prepare(model: onnx.ModelProto) -> dict:
     """Runs every rewrite on `model` in place, then the checks; returns what each did."""
     # Codes first (folding would turn each Transpose of codes into an anonymous constant), then the
