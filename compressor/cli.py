@@ -8,7 +8,7 @@
     compress report DIR [DIR ...]
     compress select DIR (--prompt TEXT | --prompt-file FILE) [--chat] [--positions]
     compress export onnx DIR [--tolerance T]
-    compress export tensorrt DIR [--library auto|tensorrt|tensorrt-rtx] [--batch MIN,OPT,MAX] [--sequence ...] [--past ...]
+    compress export tensorrt DIR [--library auto|tensorrt|tensorrt-rtx] [--token-selection auto|plugin|inlined] [--batch MIN,OPT,MAX] [--sequence ...] [--past ...]
     compress verify DIR [--update]
 """
 
@@ -114,6 +114,10 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         trt = default(Recipe, "tensorrt")
         p.add_argument("--library", default=trt.library, help="tensorrt: auto (full TensorRT when installed), "
                        "tensorrt or tensorrt-rtx")
+        p.add_argument("--token-selection", default=trt.token_selection,
+                       help="tensorrt: the sparse prefill's token selection: plugin (the SelectTokens plugin, "
+                       "compiled with nvcc and TensorRT's C++ headers), inlined (standard layers), or auto "
+                       "(the plugin when it can be built; default)")
         for axis, help_text in (("batch", "prompts per call"), ("sequence", "new tokens per call"),
                                 ("past", "cached tokens")):
             p.add_argument(f"--{axis}", default=",".join(map(str, getattr(trt, axis))),
@@ -217,7 +221,7 @@ def run(argv: list[str]) -> int:
         settings = None
         if args.format == "tensorrt":
             settings = parse_recipe({"name": "export", "tensorrt": {
-                "library": args.library, **{axis: _triple(getattr(args, axis), axis) for axis in ("batch", "sequence", "past")}}},
+                "library": args.library, "token_selection": args.token_selection, **{axis: _triple(getattr(args, axis), axis) for axis in ("batch", "sequence", "past")}}},
                 "compress export tensorrt").tensorrt
         out = pipeline.export_artifact(Path(args.folder), args.format, args.tolerance, log, settings)
         print(f"{args.format} export: {out}")

@@ -219,6 +219,10 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
         problem = recipe_problem(recipe.quantize)
         if problem:
             raise CompressorError(f"export: tensorrt cannot take {problem}")
+        if recipe.sparse_tokens is not None and recipe.tensorrt.token_selection == "plugin":
+            from exporters.tensorrt.plugin import resolve_selection
+
+            resolve_selection("plugin")  # the plugin's toolchain, before the compression
     with staged_folder(out, force) as staging, contextlib.ExitStack() as stack:
         source = model or recipe.model
         log(f"loading model: {source}" + (" (the first use converts the embedded GGUF file: about 20 s)"
@@ -247,7 +251,8 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
         if "tensorrt" in recipe.export:
             from exporters.tensorrt.export import export_artifact as export_tensorrt  # optional dependency (onnx)
 
-            export_tensorrt(staging, tensorrt_profiles(recipe.tensorrt), recipe.tensorrt.library, log=log, name=out)
+            export_tensorrt(staging, tensorrt_profiles(recipe.tensorrt), recipe.tensorrt.library, log=log, name=out,
+                            token_selection=recipe.tensorrt.token_selection)
         (staging / "recipe.yaml").write_text(recipe_yaml(recipe))
         write_json(staging / "plan.json", plan)
         write_analysis(analysis, staging)
@@ -367,7 +372,7 @@ def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, 
 
 def export_artifact(folder: Path, fmt: str, tolerance: float | None = None, log=print, tensorrt=None) -> Path:
     """Writes an export of an existing artifact folder (inside it); returns the export's folder.
-    `tensorrt` (a recipe's TensorRT section) sets the engines' library and profiles."""
+    `tensorrt` (a recipe's TensorRT section) sets the engines' library, token selection and profiles."""
     if fmt not in ("onnx", "tensorrt"):
         raise CompressorError(f"export format {fmt!r} is not supported; allowed: onnx, tensorrt")
     require()
@@ -380,7 +385,8 @@ def export_artifact(folder: Path, fmt: str, tolerance: float | None = None, log=
         library_module(settings.library)
         with updating_in_place(folder) as folder:
             verify_manifest(folder, skip=("onnx/", "tensorrt/"))
-            return export_tensorrt(folder, tensorrt_profiles(settings), settings.library, log=log)
+            return export_tensorrt(folder, tensorrt_profiles(settings), settings.library, log=log,
+                                   token_selection=settings.token_selection)
     from exporters.onnx.export import export_artifact as export_onnx  # optional dependency (imports onnx)
 
     with updating_in_place(folder) as folder:

@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -80,13 +81,36 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_engine(module: str, graph: Path, engine: Path, axes: dict, timing_cache: Path) -> dict:
-    """Parses `graph` and builds its engine in a subprocess; returns the build's figures."""
+def _library_environment(module: str, scratch: Path) -> dict:
+    """The build subprocess's environment. TensorRT for RTX's ONNX parser opens `libtensorrt_rtx.so`
+    by its unversioned name when it imports a plugin node, and the wheel ships only
+    `libtensorrt_rtx.so.1`: without that name on the library path the parser's static initializer
+    throws and the process aborts ("terminate called without an active exception"). A link under
+    `scratch` gives it the name."""
+    env = dict(os.environ)
+    spec = importlib.util.find_spec(f"{module}_libs")
+    if spec is None or not spec.submodule_search_locations:
+        return env
+    libs = Path(next(iter(spec.submodule_search_locations)))
+    versioned = sorted(libs.glob(f"lib{module}.so.*"))
+    if versioned and not (libs / f"lib{module}.so").exists():
+        link = scratch / f"lib{module}.so"
+        if not link.exists():
+            link.symlink_to(versioned[0])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(scratch), env.get("LD_LIBRARY_PATH")]))
+    return env
+
+
+def build_engine(module: str, graph: Path, engine: Path, axes: dict, timing_cache: Path,
+                 plugins: dict[str, Path] | None = None) -> dict:
+    """Parses `graph` and builds its engine in a subprocess, with the plugin libraries `plugins`
+    (creator name -> library) registered first; returns the build's figures."""
     spec = {"module": module, "graph": str(graph), "engine": str(engine), "axes": axes,
-            "timing_cache": str(timing_cache)}
+            "timing_cache": str(timing_cache), "plugins": {name: str(p) for name, p in (plugins or {}).items()}}
     started = time.perf_counter()
+    env = _library_environment(module, graph.parent) if plugins else None
     done = subprocess.run([sys.executable, "-m", "exporters.tensorrt.build", json.dumps(spec)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if done.returncode:
         lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
         reason = next((line for line in reversed(lines) if line.startswith("error:")), None)
@@ -113,6 +137,11 @@ def _worker(spec: dict) -> dict:
     trt = importlib.import_module(spec["module"])
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
+    registry = trt.get_plugin_registry()
+    for name, library in spec["plugins"].items():
+        registry.load_library(library)
+        if not any(creator.name == name for creator in registry.all_creators):
+            raise SystemExit(f"error: the plugin library {library} registered no {name} creator")
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(spec["graph"]):
@@ -149,7 +178,8 @@ def _worker(spec: dict) -> dict:
         targets = [str(config.get_compute_capability(i)).split(".")[-1] for i in range(config.num_compute_capabilities)]
     return {"build_seconds": time.perf_counter() - started, "bytes": Path(spec["engine"]).stat().st_size,
             "profile": profiles, "library_version": trt.__version__, "targets": targets or ["default"],
-            "layers": network.num_layers}
+            "layers": network.num_layers, "plugin_layers": sum(
+                network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers))}
 
 
 if __name__ == "__main__":

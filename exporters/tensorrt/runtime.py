@@ -4,7 +4,8 @@ interface the ONNX Runtime backend has (exporters.onnx.loader.CachedDecoder: `lo
 addresses the execution context reads; the KV cache stays on the GPU between steps.
 
 Without a CUDA GPU, or without the TensorRT runtime the engines were built with, loading is one
-clear error before anything else. NOT VERIFIED: no machine here has a GPU with a TensorRT runtime,
+clear error before anything else. An engine built with the SelectTokens plugin has its library
+beside it (manifest "plugin"), registered before the engines are deserialized. NOT VERIFIED: no machine here has a GPU with a TensorRT runtime,
 so this module's execution path has never run; only its refusals are tested.
 """
 
@@ -50,6 +51,12 @@ class TensorRTDecoder(CachedDecoder):
         self.trt, self.torch = trt, torch
         self.folder = folder / TENSORRT_DIR
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+        plugin = self.manifest.get("plugin")
+        if plugin:  # the SelectTokens plugin: registered before the engine that calls it is deserialized
+            library = self.folder / plugin["library"]
+            if verify and sha256(library) != plugin["sha256"]:
+                raise CompressorError(f"{library}: its SHA-256 differs from {MANIFEST}'s (a damaged or replaced library)")
+            trt.get_plugin_registry().load_library(str(library))
         self.engines, self.contexts = {}, {}
         for name, info in self.manifest["engines"].items():
             path = self.folder / name
