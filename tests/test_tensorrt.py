@@ -4,6 +4,7 @@
   run with graph optimizations off, so each DequantizeLinear -> MatMul is computed as written; the
   rewrites are exact and measure 0 here), on tiny artifacts of each kind: original, removal-only,
   mixed 2/4/8-bit, 2/3-bit, sparse-token (both graphs, padded and unpadded prompts), shared weights.
+  An 8-bit artifact's linears become int4 pairs (8 bits a weight), not float.
 - What TensorRT cannot take is refused with the reason: signed (negative) scales, zero points,
   4-bit blocks other than 64 / 128; `quantize.scales: positive` gives positive scales.
 - Where TensorRT for RTX is installed: engines build from each kind (`compress export tensorrt` and
@@ -51,6 +52,8 @@ KINDS = {
                                embeddings=8)},
     "low-bit": {"quantize": dict(POSITIVE, method="rtn", bits=[2, 3], budget={"avg_bits": 2.6}, allocate="lim",
                                  embeddings="keep")},
+    "8-bit": {"quantize": dict(POSITIVE, method="rtn", bits=[4, 8], budget={"avg_bits": 6.6}, allocate="lim",
+                               embeddings="keep")},
     "sparse": {"remove": {"method": "similarity", "attention": 1, "protect": {"first": 0, "last": 0}},
                "sparse_tokens": {"method": "promptdistill", "filter_layer": 1, "keep_tokens": 96, "keep_last": 8},
                "quantize": dict(POSITIVE, method="rtn", bits=[4], budget={"avg_bits": 4.6}, embeddings="keep")},
@@ -119,7 +122,7 @@ def graphs(folder: Path) -> list[Path]:
     return sorted((folder / "onnx").glob("*.onnx"))
 
 
-@pytest.mark.parametrize("kind", ["original", "removal", "mixed", "low-bit", "sparse", "shared"])
+@pytest.mark.parametrize("kind", ["original", "removal", "mixed", "8-bit", "low-bit", "sparse", "shared"])
 def test_preparation_leaves_onnx_runtime_outputs_equal(artifact, kind):
     folder = artifact(kind)
     for graph in graphs(folder):
@@ -129,6 +132,9 @@ def test_preparation_leaves_onnx_runtime_outputs_equal(artifact, kind):
         assert record["folded_constants"] > 0
         if kind in ("mixed", "low-bit"):
             assert record["two_bit_into_int4"] > 0 and record["quantized"]["int4_block"] > 0
+        if kind == "8-bit":  # 8-bit linears stay 8-bit: int4 pairs, no float copies
+            assert record["int8_blocks_as_int4_pairs"] > 0 and record["int8_blocks_to_float"] == 0
+            assert not any(t.data_type == onnx.TensorProto.INT8 for t in prepared.graph.initializer)
         cases = [{}, {"padded": True}] if graph.name == "prefill_sparse.onnx" else [{}, {"past": 0, "new": 7}]
         for case in cases:
             before, after = outputs(exported, **case), outputs(prepared, **case)
@@ -156,7 +162,7 @@ def test_positive_scales_are_positive_and_clip_nothing():
 
 
 @pytest.mark.skipif(not HAS_RTX, reason=NO_RTX)
-@pytest.mark.parametrize("kind", ["original", "removal", "mixed", "low-bit", "sparse", "shared"])
+@pytest.mark.parametrize("kind", ["original", "removal", "mixed", "8-bit", "low-bit", "sparse", "shared"])
 def test_engines_build_with_tensorrt_rtx(artifact, kind, capsys):
     folder = artifact(kind)
     assert main(["export", "tensorrt", str(folder), "--sequence", "1,16,256", "--past", "0,16,256", "--quiet"]) == 0

@@ -13,9 +13,12 @@ and after) and runs on the exported graph as it is written (`exporters.onnx`):
 - `dequantized_gathers`: a quantized embedding's `Gather(codes), Gather(scales) -> DQ` becomes the
   embedding dequantized once at preparation (float32, exactly DequantizeLinear's products) and
   gathered: TensorRT has no gather of quantized rows.
-- `int8_blocks_to_float`: 8-bit codes in blocks become float32 weights (TensorRT's INT8 is per
-  tensor or per channel), exactly DequantizeLinear's products: exact, but the engine holds them at
-  four bytes a weight (quantize 8-bit weights per channel to keep them 8-bit).
+- `int8_blocks_as_int4_pairs`: 8-bit codes in blocks of 64 or 128 (TensorRT's INT8 is per tensor or
+  per channel) become two int4 halves and a per-block offset, c = 16 h + l' + 8: the same products,
+  about 8.5 bits a weight in the engine (plus the two halves' scales).
+- `int8_blocks_to_float`: the remaining 8-bit codes in blocks (other block sizes; the tied head,
+  which reads the embedding's float table) become float32 weights, exactly DequantizeLinear's
+  products, at four bytes a weight.
 - `two_bit_into_int4`: ONNX Runtime's 2-bit `MatMulNBits` (a contrib op TensorRT does not have)
   becomes int4-container codes -> DequantizeLinear -> MatMul, the same values.
 - `check_quantized`: what TensorRT cannot take is refused with the reason (`PreparationError`):
@@ -261,6 +264,69 @@ def dequantized_gathers(model: onnx.ModelProto) -> int:
     return count
 
 
+def int8_blocks_as_int4_pairs(model: onnx.ModelProto) -> int:
+    """8-bit codes in blocks of 64 or 128 feeding MatMuls become two int4 halves, still 8 bits a
+    weight: a code c in [-128, 127] is 16 h + l' + 8 with h = c >> 4 and l' = (c & 15) - 8, both in
+    [-8, 7], so x W = x DQ(h, 16 s) + x DQ(l', s) + (x summed over each block) (8 s). The last term's
+    weights are one float per block (a K/block x N matrix). Returns the number of weights rewritten;
+    the rest (other blocks, a tied head reading the dequantized embedding) go to int8_blocks_to_float."""
+    g = Graph(model)
+    consumers = g.consumers()
+    replacements: dict[str, list[onnx.NodeProto]] = {}  # first output of a node -> the nodes in its place
+    for node in g.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in g.initializers:
+            continue
+        codes_name, block = node.input[0], _attribute(node, "block_size", 0)
+        if g.initializers[codes_name].data_type != TensorProto.INT8 or block not in INT4_BLOCKS:
+            continue
+        if f"{codes_name.removesuffix('_transposed')}_dequantized" in g.initializers:
+            continue  # the tied head: it reads the float table the embedding's Gather needs anyway
+        codes = g.array(codes_name)
+        readers = consumers.get(node.output[0], [])
+        zero = g.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        scale = g.array(node.input[1]).astype(np.float32)
+        if (codes.ndim != 2 or _attribute(node, "axis", 1) % 2 != 0 or codes.shape[0] % block
+                or (zero is not None and np.any(zero)) or np.any(scale <= 0) or not readers
+                or any(r is None or r.op_type != "MatMul" or r.input[1] != node.output[0]
+                       or r.input[0] == node.output[0] for r in readers)):
+            continue
+        wide = codes.astype(np.int16)
+        stem = codes_name.removesuffix("_transposed")
+        g.add(int4_tensor(f"{stem}_high", wide >> 4))
+        g.add(int4_tensor(f"{stem}_low", (wide & 0x0F) - 8))
+        g.add(numpy_helper.from_array(scale * 16, f"{stem}_high_scale"))
+        g.add(numpy_helper.from_array(scale, f"{stem}_low_scale"))
+        g.add(numpy_helper.from_array(scale * 8, f"{stem}_block_offset"))
+        g.add(numpy_helper.from_array(np.array([codes.shape[0] // block, block], dtype=np.int64), f"{stem}_blocks"))
+        for name, values in (("_start", [0]), ("_end", [-1]), ("_last_axis", [-1])):
+            g.add(numpy_helper.from_array(np.array(values, dtype=np.int64), f"{stem}{name}"))
+        replacements[node.output[0]] = []  # the DequantizeLinear goes; its halves go before the first reader
+        halves = [helper.make_node("DequantizeLinear", [f"{stem}_high", f"{stem}_high_scale"], [f"{stem}_high_w"],
+                                   axis=0, block_size=block),
+                  helper.make_node("DequantizeLinear", [f"{stem}_low", f"{stem}_low_scale"], [f"{stem}_low_w"],
+                                   axis=0, block_size=block)]
+        for k, reader in enumerate(readers):
+            x, y, tag = reader.input[0], reader.output[0], f"{stem}_{k}"
+            replacements[y] = (halves if k == 0 else []) + [
+                helper.make_node("MatMul", [x, f"{stem}_high_w"], [f"{tag}_high_y"]),
+                helper.make_node("MatMul", [x, f"{stem}_low_w"], [f"{tag}_low_y"]),
+                helper.make_node("Shape", [x], [f"{tag}_shape"]),
+                helper.make_node("Slice", [f"{tag}_shape", f"{stem}_start", f"{stem}_end"], [f"{tag}_lead"]),
+                helper.make_node("Concat", [f"{tag}_lead", f"{stem}_blocks"], [f"{tag}_blocked_shape"], axis=0),
+                helper.make_node("Reshape", [x, f"{tag}_blocked_shape"], [f"{tag}_blocked"]),
+                helper.make_node("ReduceSum", [f"{tag}_blocked", f"{stem}_last_axis"], [f"{tag}_block_sums"],
+                                 keepdims=0),
+                helper.make_node("MatMul", [f"{tag}_block_sums", f"{stem}_block_offset"], [f"{tag}_offset_y"]),
+                helper.make_node("Add", [f"{tag}_high_y", f"{tag}_low_y"], [f"{tag}_halves_y"]),
+                helper.make_node("Add", [f"{tag}_halves_y", f"{tag}_offset_y"], [y])]
+    if replacements:
+        nodes = [made for n in g.graph.node for made in replacements.get(n.output[0] if n.output else "", [n])]
+        del g.graph.node[:]
+        g.graph.node.extend(nodes)
+        g.drop_unused()
+    return sum(1 for made in replacements.values() if not made)
+
+
 def int8_blocks_to_float(model: onnx.ModelProto) -> int:
     """8-bit codes in blocks (TensorRT's INT8 is per tensor or per channel) become float32 weights,
     exactly DequantizeLinear's products; a tied head reading an embedding dequantized for its
@@ -397,6 +463,7 @@ def prepare(model: onnx.ModelProto) -> dict:
     record = {"two_bit_into_int4": two_bit_into_int4(model),
               "codes_into_dequantize": codes_into_dequantize(model),
               "dequantized_gathers": dequantized_gathers(model),
+              "int8_blocks_as_int4_pairs": int8_blocks_as_int4_pairs(model),
               "int8_blocks_to_float": int8_blocks_to_float(model),
               "folded_constants": fold_constants(model)}
     record["quantized"] = check_quantized(model)
