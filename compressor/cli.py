@@ -8,7 +8,7 @@
     compress report DIR [DIR ...]
     compress select DIR (--prompt TEXT | --prompt-file FILE) [--chat] [--positions]
     compress export onnx DIR [--tolerance T]
-    compress export tensorrt DIR [--library auto|tensorrt|tensorrt-rtx] [--token-selection auto|plugin|inlined] [--batch MIN,OPT,MAX] [--sequence ...] [--past ...]
+    compress export tensorrt DIR [--library auto|tensorrt|tensorrt-rtx] [--token-selection auto|plugin|inlined] [--precision float16|bfloat16|float32] [--batch MIN,OPT,MAX] [--sequence ...] [--past ...]
     compress verify DIR [--update]
 """
 
@@ -118,6 +118,9 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
                        help="tensorrt: the sparse prefill's token selection: plugin (the SelectTokens plugin, "
                        "compiled with nvcc and TensorRT's C++ headers), inlined (standard layers), or auto "
                        "(the plugin when it can be built; default)")
+        p.add_argument("--precision", default=trt.precision, choices=["float16", "bfloat16", "float32"],
+                       help="tensorrt: the matrix products' activations and the KV cache (default %(default)s; "
+                       "norms, rotary angles and softmax stay float32)")
         for axis, help_text in (("batch", "prompts per call"), ("sequence", "new tokens per call"),
                                 ("past", "cached tokens")):
             p.add_argument(f"--{axis}", default=",".join(map(str, getattr(trt, axis))),
@@ -221,7 +224,8 @@ def run(argv: list[str]) -> int:
         settings = None
         if args.format == "tensorrt":
             settings = parse_recipe({"name": "export", "tensorrt": {
-                "library": args.library, "token_selection": args.token_selection, **{axis: _triple(getattr(args, axis), axis) for axis in ("batch", "sequence", "past")}}},
+                "library": args.library, "token_selection": args.token_selection,
+                "precision": args.precision, **{axis: _triple(getattr(args, axis), axis) for axis in ("batch", "sequence", "past")}}},
                 "compress export tensorrt").tensorrt
         out = pipeline.export_artifact(Path(args.folder), args.format, args.tolerance, log, settings)
         print(f"{args.format} export: {out}")

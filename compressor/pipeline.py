@@ -252,7 +252,7 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
             from exporters.tensorrt.export import export_artifact as export_tensorrt  # optional dependency (onnx)
 
             export_tensorrt(staging, tensorrt_profiles(recipe.tensorrt), recipe.tensorrt.library, log=log, name=out,
-                            token_selection=recipe.tensorrt.token_selection)
+                            token_selection=recipe.tensorrt.token_selection, precision=recipe.tensorrt.precision)
         (staging / "recipe.yaml").write_text(recipe_yaml(recipe))
         write_json(staging / "plan.json", plan)
         write_analysis(analysis, staging)
@@ -372,7 +372,7 @@ def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, 
 
 def export_artifact(folder: Path, fmt: str, tolerance: float | None = None, log=print, tensorrt=None) -> Path:
     """Writes an export of an existing artifact folder (inside it); returns the export's folder.
-    `tensorrt` (a recipe's TensorRT section) sets the engines' library, token selection and profiles."""
+    `tensorrt` (a recipe's TensorRT section) sets the engines' library, token selection, precision and profiles."""
     if fmt not in ("onnx", "tensorrt"):
         raise CompressorError(f"export format {fmt!r} is not supported; allowed: onnx, tensorrt")
     require()
@@ -386,7 +386,7 @@ def export_artifact(folder: Path, fmt: str, tolerance: float | None = None, log=
         with updating_in_place(folder) as folder:
             verify_manifest(folder, skip=("onnx/", "tensorrt/"))
             return export_tensorrt(folder, tensorrt_profiles(settings), settings.library, log=log,
-                                   token_selection=settings.token_selection)
+                                   token_selection=settings.token_selection, precision=settings.precision)
     from exporters.onnx.export import export_artifact as export_onnx  # optional dependency (imports onnx)
 
     with updating_in_place(folder) as folder:

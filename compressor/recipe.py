@@ -290,12 +290,15 @@ Profile = Annotated[list[Annotated[int, Field(ge=0, le=MAX_PROMPT_TOKENS)]], Fie
 
 class TensorRT(Strict):
     """How `export: [tensorrt]` builds its engines (exporters.tensorrt): the library, the token
-    selection's form, and min / opt / max of each optimization profile axis (batch, new tokens per
+    selection's form, the activations' precision, and min / opt / max of each optimization profile axis (batch, new tokens per
     call, cached tokens)."""
     library: Literal["auto", "tensorrt", "tensorrt-rtx"] = "auto"  # auto: full TensorRT when installed
     # The sparse prefill graph's token selection: the SelectTokens plugin (needs nvcc and TensorRT's
     # C++ headers to compile it) or the inlined standard layers; auto: the plugin when it can be built.
     token_selection: Literal["auto", "plugin", "inlined"] = "auto"
+    # The matrix products' activations and the KV cache (exporters.tensorrt.precision): 16-bit runs
+    # int4/int8 weights as W4A16 / W8A16; norms, rotary angles and softmax stay float32.
+    precision: Literal["float16", "bfloat16", "float32"] = "float16"
     batch: Profile = [1, 1, 4]
     sequence: Profile = [1, 128, 2048]
     past: Profile = [0, 512, 2048]

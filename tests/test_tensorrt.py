@@ -5,6 +5,10 @@
   rewrites are exact and measure 0 here), on tiny artifacts of each kind: original, removal-only,
   mixed 2/4/8-bit, 2/3-bit, sparse-token (both graphs, padded and unpadded prompts), shared weights.
   An 8-bit artifact's linears become int4 pairs (8 bits a weight), not float.
+- float16 products (the engines' default precision): every MatMul takes 16-bit inputs and the KV
+  cache is 16-bit; ONNX Runtime's logits stay within 5e-3 of the float32 graph (logits of about
+  +-2.5 here) and the filter selects the same tokens. bfloat16 graphs only build (ONNX Runtime's CPU
+  cannot run them).
 - What TensorRT cannot take is refused with the reason: signed (negative) scales, zero points,
   4-bit blocks other than 64 / 128; `quantize.scales: positive` gives positive scales.
 - Where TensorRT for RTX is installed: engines build from each kind (`compress export tensorrt` and
@@ -37,6 +41,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from exporters.tensorrt.build import MANIFEST, sha256  # noqa: E402 (needs nothing optional)
 from exporters.tensorrt.export import prepared_graph  # noqa: E402
+from exporters.tensorrt.precision import sixteen_bit_products  # noqa: E402
 from exporters.tensorrt.prepare import PreparationError, prepare  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -145,6 +150,60 @@ def test_preparation_leaves_onnx_runtime_outputs_equal(artifact, kind):
                 assert difference <= 1e-4, (graph.name, case, difference)
 
 
+HALF_TOLERANCE = 5e-3  # float16 products against the float32 graph: the logits' largest difference
+
+
+def _sixteen_bit_inputs_only(model) -> bool:
+    """Whether every MatMul reads 16-bit tensors: a Cast to float16, a float16 initializer, a
+    DequantizeLinear with float16 scales, or another product (or a Transpose of one of those)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    halves = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+
+    def sixteen(name: str) -> bool:
+        node = producers.get(name)
+        if name in halves:
+            return True
+        if node is None:
+            return False
+        if node.op_type == "Cast":
+            return node.attribute[0].i == onnx.TensorProto.FLOAT16
+        if node.op_type == "DequantizeLinear":
+            return node.input[1] in halves
+        return node.op_type in ("MatMul", "Transpose") and all(sixteen(i) for i in node.input[:1])
+
+    return all(sixteen(n.input[0]) and sixteen(n.input[1]) for n in model.graph.node if n.op_type == "MatMul")
+
+
+@pytest.mark.parametrize("kind", ["original", "mixed", "8-bit", "sparse", "shared"])
+def test_float16_products_stay_within_their_tolerance(artifact, kind):
+    folder = artifact(kind)
+    for graph in graphs(folder):
+        full = onnx.load(str(graph))
+        prepare(full)
+        half = copy.deepcopy(full)
+        record = sixteen_bit_products(half, "float16")
+        assert record["matmuls"] > 0 and _sixteen_bit_inputs_only(half)
+        cache = [v for v in half.graph.input if v.name.startswith("past_key_values.")] + \
+                [v for v in half.graph.output if v.name.startswith("present.")]
+        assert cache and all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in cache)
+        assert record["cache_tensors"] == len(cache)
+        for case in ([{}, {"padded": True}] if graph.name == "prefill_sparse.onnx" else [{}, {"past": 0, "new": 7}]):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            sessions = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                        for m in (full, half)]
+            given = feeds(sessions[0], **case)
+            types = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64}
+            before = sessions[0].run(None, given)
+            after = sessions[1].run(None, {i.name: given[i.name].astype(types[i.type]) for i in sessions[1].get_inputs()})
+            names = [o.name for o in sessions[0].get_outputs()]
+            logits = float(np.abs(before[0] - after[0].astype(np.float32)).max())
+            assert logits <= HALF_TOLERANCE, (graph.name, case, logits)
+            if "selected" in names:  # the filter's choice: float32 scores of 16-bit products' queries and keys
+                k = names.index("selected")
+                assert np.array_equal(before[k], after[k]), (graph.name, case)
+
+
 @pytest.mark.parametrize("kind", sorted(REFUSED))
 def test_what_tensorrt_cannot_take_is_refused_with_the_reason(artifact, kind):
     with pytest.raises(PreparationError, match=REFUSED[kind]):
@@ -177,12 +236,24 @@ def test_engines_build_with_tensorrt_rtx(artifact, kind, capsys):
     print(kind, {engine: (info["bytes"], round(info["build_seconds"], 1)) for engine, info in manifest["engines"].items()})
 
 
+@pytest.mark.skipif(not HAS_RTX, reason=NO_RTX)
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
+def test_engines_build_in_the_other_precisions(artifact, precision):
+    folder = artifact("mixed")
+    assert main(["export", "tensorrt", str(folder), "--precision", precision, "--sequence", "1,16,256",
+                 "--past", "0,16,256", "--quiet"]) == 0
+    manifest = json.loads((folder / "tensorrt" / MANIFEST).read_text())
+    assert manifest["precision"] == precision
+    record = manifest["engines"]["model.engine"]["preparation"]["activations"]
+    assert record["precision"] == precision and (record["matmuls"] > 0) == (precision != "float32")
+
+
 @pytest.mark.skipif(not HAS_RTX or importlib.util.find_spec("polygraphy") is None, reason=NO_RTX + " or polygraphy")
-@pytest.mark.parametrize("kind", ["mixed", "sparse"])
-def test_polygraphy_reports_every_node_supported(artifact, kind, tmp_path):
+@pytest.mark.parametrize("kind, precision", [("mixed", "float16"), ("mixed", "float32"), ("sparse", "float16")])
+def test_polygraphy_reports_every_node_supported(artifact, kind, precision, tmp_path):
     for graph in graphs(artifact(kind)):
         target = tmp_path / graph.name
-        prepared_graph(graph, target)
+        prepared_graph(graph, target, precision=precision)
         done = subprocess.run([str(Path(sys.executable).parent / "polygraphy"), "inspect", "capability", str(target)],
                               capture_output=True, text=True, env=dict(os.environ, POLYGRAPHY_USE_TENSORRT_RTX="1"))
         assert done.returncode == 0, done.stderr[-2000:]

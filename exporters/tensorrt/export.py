@@ -20,6 +20,7 @@ from compressor.errors import CompressorError
 from exporters.onnx.files import DECODER_FILE, ONNX_DIR, SPARSE_FILE
 from exporters.tensorrt.build import MANIFEST, TENSORRT_DIR, TIMING_CACHE, Profiles, build_engine, library_module, sha256
 from exporters.tensorrt.plugin import ARCHITECTURES, LIBRARY_FILE, NAME, VERSION, build_plugin, resolve_selection, use_plugin
+from exporters.tensorrt.precision import sixteen_bit_products
 from exporters.tensorrt.prepare import prepare
 
 # The two forms of the sparse prefill graph's token selection, as the manifest names them.
@@ -27,21 +28,23 @@ SELECTION = {"inlined": "inlined compressor.SelectTokens (standard layers)",
              "plugin": f"{NAME} plugin version {VERSION} ({LIBRARY_FILE})"}
 
 
-def prepared_graph(source: Path, target: Path, plugin: bool = False) -> dict:
+def prepared_graph(source: Path, target: Path, plugin: bool = False, precision: str = "float32") -> dict:
     """Writes `source` (an exported graph) prepared for TensorRT to `target` (its weights in
     `target`.data beside it); returns what the preparation did. `plugin`: its SelectTokens node
-    goes to the plugin instead of being inlined."""
+    goes to the plugin instead of being inlined; `precision`: the matrix products' activations
+    (exporters.tensorrt.precision)."""
     model = onnx.load(str(source))
     record = prepare(model)
     if plugin:
         record["plugin_nodes"] = use_plugin(model)
+    record["activations"] = sixteen_bit_products(model, precision)
     onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=f"{target.name}.data", size_threshold=1024)
     return record
 
 
 def export_artifact(folder: str | Path, profiles: Profiles = Profiles(), library: str = "auto", log=print,
-                    name: str | Path | None = None, token_selection: str = "auto") -> Path:
+                    name: str | Path | None = None, token_selection: str = "auto", precision: str = "float16") -> Path:
     """Builds `folder/tensorrt/` from `folder/onnx/` (replacing an earlier build); returns its path.
     The caller holds the artifact's claim, as for the ONNX export."""
     folder = Path(folder)
@@ -69,7 +72,7 @@ def export_artifact(folder: str | Path, profiles: Profiles = Profiles(), library
             log(f"preparing {graph} for TensorRT")
             prepared = Path(scratch) / graph
             with_plugin = plugin is not None and graph == SPARSE_FILE
-            preparation = prepared_graph(onnx_dir / graph, prepared, plugin=with_plugin)
+            preparation = prepared_graph(onnx_dir / graph, prepared, plugin=with_plugin, precision=precision)
             axes = profiles.axes(stem, sparse["keep_tokens"] if stem == "prefill_sparse" else None)
             log(f"building the {stem} engine with {module}")
             figures = build_engine(module, prepared, staging / f"{stem}.engine", axes, staging / TIMING_CACHE,
@@ -81,6 +84,7 @@ def export_artifact(folder: str | Path, profiles: Profiles = Profiles(), library
                     "profiles": {"batch": list(profiles.batch), "sequence": list(profiles.sequence),
                                  "past": list(profiles.past)},
                     "token_selection": SELECTION[selection] if SPARSE_FILE in graphs else None, "plugin": plugin,
+                    "precision": precision,
                     "timing_cache": TIMING_CACHE,
                     "engines": engines}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
