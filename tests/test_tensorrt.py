@@ -204,6 +204,29 @@ def test_float16_products_stay_within_their_tolerance(artifact, kind):
                 assert np.array_equal(before[k], after[k]), (graph.name, case)
 
 
+def test_a_tied_table_is_held_once_in_sixteen_bits():
+    """Gather(table) and MatMul(x, Transpose(table)) (a tied head): one float16 table for both."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((40, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0),
+         helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+         helper.make_node("MatMul", ["rows", "table_t"], ["logits"])], "tied",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [3, 40])],
+        [onnx.numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    half = copy.deepcopy(model)
+    sixteen_bit_products(half, "float16")
+    assert [(t.name, t.data_type) for t in half.graph.initializer] == [("table_float16", onnx.TensorProto.FLOAT16)]
+    ids = np.array([0, 7, 39], np.int64)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+           for m in (model, half)]
+    assert float(np.abs(run[0] - run[1]).max()) <= 2e-2  # |logit| up to about 10: float16 rounding
+
+
 @pytest.mark.parametrize("kind", sorted(REFUSED))
 def test_what_tensorrt_cannot_take_is_refused_with_the_reason(artifact, kind):
     with pytest.raises(PreparationError, match=REFUSED[kind]):

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from compressor.errors import CompressorError
 from exporters.tensorrt.prepare import Graph
 
 PRECISIONS = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
@@ -42,7 +43,7 @@ def _sixteen_bit_tensor(values: np.ndarray, name: str, data_type: int) -> onnx.T
 def sixteen_bit_products(model: onnx.ModelProto, precision: str = "float16") -> dict:
     """Rewrites `model` in place (see the module's docstring); returns counts of what changed."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: allowed: {', '.join(PRECISIONS)}")
+        raise CompressorError(f"tensorrt precision {precision!r}: allowed: {', '.join(PRECISIONS)}")
     data_type = PRECISIONS[precision]
     record = {"precision": precision, "matmuls": 0, "weights": 0, "casts": 0, "cache_tensors": 0}
     if data_type == TensorProto.FLOAT:
@@ -103,9 +104,12 @@ def sixteen_bit_products(model: onnx.ModelProto, precision: str = "float16") -> 
 
     # A float table the head now reads in 16 bits (the tied embedding) is gathered from its twin
     # too, each row cast to float32, so the engine holds one copy.
+    added = [n for group in (*before.values(), *after.values()) for n in group]
+    live = {i for n in (*g.graph.node, *added) for i in n.input} | {o.name for o in g.graph.output}
     readers = g.consumers()
     for name, target in sixteen.items():
-        gathers = readers.get(name, [])
+        # Readers whose outputs nothing reads any more (a Transpose the head read before) do not count.
+        gathers = [n for n in readers.get(name, []) if n is None or any(o in live for o in n.output)]
         if name in g.initializers and gathers and all(n is not None and n.op_type == "Gather" and n.input[0] == name
                                                       for n in gathers):
             for gather in gathers:
