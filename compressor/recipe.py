@@ -104,7 +104,8 @@ class Removal(Strict):
 
 class QuantizeBudget(Strict):
     """Exactly one of: `avg_bits`, the mean stored bits per weight of the decoder linears (packed codes,
-    scales and zero points included), or `bytes`, the whole model.safetensors (every tensor, over all shards)."""
+    scales and zero points included; with `embeddings: auto`, of the linears and the embedding), or
+    `bytes`, the whole model.safetensors (every tensor, over all shards)."""
     avg_bits: float | None = Field(None, gt=0, le=32)
     bytes: int | None = Field(None, gt=0, le=MAX_BYTES)
 
@@ -136,7 +137,10 @@ class Quantize(Strict):
     allocate: Literal["sensitivity", "lim", "zd", "uniform"] = "sensitivity"
     # The allocation unit: a whole decoder layer, or its attention and MLP units separately.
     granularity: Literal["layer", "unit"] = "layer"
-    embeddings: Literal[2, 3, 4, 8, "keep"] = 8
+    # The token embedding (tied to the output head where the model ties them): a fixed width, kept
+    # unquantized, or `auto`: one more unit of the knapsack, at each of `bits`, costed by its own
+    # measured sensitivity (needs allocate: sensitivity).
+    embeddings: Literal[2, 3, 4, 8, "keep", "auto"] = 8
     protect: QuantizeProtect = QuantizeProtect()
     # GPTQ: damping (a fraction of the mean Hessian diagonal), columns in order of decreasing
     # Hessian diagonal, and how calibration tokens are weighted in the Hessian (`equal`: each
@@ -155,6 +159,9 @@ class Quantize(Strict):
         if len(set(self.bits)) != len(self.bits):
             raise ValueError(f"bits must not repeat a width, got {shorten(self.bits)}")
         self.bits = sorted(self.bits)
+        if self.embeddings == "auto" and self.allocate != "sensitivity":
+            raise ValueError(f"embeddings: auto allocates the embedding by its measured sensitivity; it needs "
+                             f"allocate: sensitivity, got allocate: {self.allocate}")
         return self
 
 

@@ -5,6 +5,8 @@ Sensitivity of a unit at a width: the KL divergence KL(original || quantized) of
 next-token distributions, with only that unit quantized (by the recipe's own method: GPTQ with
 Hessians from the unquantized model, or round-to-nearest) and every other weight exact. Layers
 are visited one at a time; a unit in layer l reruns only layers l..L-1 from cached inputs.
+For `embeddings: auto`, the token embedding is measured the same way (round-to-nearest, as it is
+quantized; a tied output head reads the same table), rerunning the whole model.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from compressor.transforms.quantize import recipe_format
 from compressor.execution.layerwise import run_block
 from compressor.execution.offload import placed
 from compressor.transforms.quantize_model import (
-    EMBEDDING, accumulate_hessians, embedded_inputs, layer_linears, unit_of_linear,
+    EMBEDDING, accumulate_hessians, embedded_inputs, layer_linears, quantize_embedding, unit_of_linear,
     quantize_layer_linears)
+
+EMBEDDING_KEY = "embedding"  # the embedding's entry among the sensitivity scores
 
 
 def sensitivity_key(quantize) -> dict:
@@ -54,10 +58,12 @@ def quantization_sensitivity(model, quantize, calibration: torch.Tensor, batch_s
     windows = calibration[: quantize.sensitivity_samples, : quantize.sensitivity_seq_len]
     scorer = Scorer(model, windows, batch_size, measure="kl")
     scorer.cache_layer_inputs()
+    scores: dict[str, dict[str, float]] = {}
+    if quantize.embeddings == "auto":
+        scores[EMBEDDING_KEY] = embedding_sensitivity(model, quantize, scorer)
     inventory = quantization_inventory(model)
     units = allocation_units(inventory["linears"], quantize.granularity)
     hidden = embedded_inputs(model, calibration, batch_size) if quantize.method == "gptq" else None
-    scores: dict[str, dict[str, float]] = {}
     layers = range(len(model.model.layers))
     for layer in progress(layers, "quantization sensitivity", quiet):
         layer_units = [u for u in units if u["layer"] == layer]
@@ -79,6 +85,22 @@ def quantization_sensitivity(model, quantize, calibration: torch.Tensor, batch_s
             if hidden is not None:
                 hidden = run_block(model, block, hidden)
     return dict(sensitivity_key(quantize), bits=list(quantize.bits), measure="kl", scores=scores)
+
+
+def embedding_sensitivity(model, quantize, scorer: Scorer) -> dict[str, float]:
+    """KL divergence with only the embedding quantized, per width of the recipe (a tied head has no
+    weight of its own: the logits read the same quantized table)."""
+    embedding = model.model.embed_tokens
+    original = embedding.weight
+    costs = {}
+    try:
+        for bits in quantize.bits:
+            quantize_embedding(model, recipe_format(quantize, bits))
+            costs[str(bits)] = scorer.divergence(start_layer=0)
+            embedding.weight = original
+    finally:
+        embedding.weight = original
+    return costs
 
 
 def _restore(model, layer: int, originals: dict[str, torch.nn.Parameter]) -> None:

@@ -14,7 +14,8 @@ import math
 
 import torch
 
-from compressor.analysis.quantization import quantization_inventory, quantization_sensitivity, sensitivity_key
+from compressor.analysis.quantization import (EMBEDDING_KEY, quantization_inventory, quantization_sensitivity,
+                                              sensitivity_key)
 from compressor.bit_allocation import allocation_units, option_costs, solve_knapsack, unit_bytes
 from compressor.errors import CompressorError, MissingRecord, shorten
 from compressor.plan import UNIT_KINDS, bad_value, need_number, need_object
@@ -145,6 +146,9 @@ def plan_quantization(quantize: Quantize, analysis: dict) -> dict:
             raise MissingRecord("quantization", f"the quantization sensitivity for this recipe's method, group "
                                                 f"size and widths {widths}")
         sensitivity = measured["scores"]
+        if quantize.embeddings == "auto" and not set(map(str, widths)) <= set(sensitivity.get(EMBEDDING_KEY) or {}):
+            raise MissingRecord("quantization", f"the embedding's quantization sensitivity at widths {widths} "
+                                                "(embeddings: auto)")
     check_costs_recorded(quantize, analysis, units, widths, sensitivity)
     costs = option_costs(units, widths, quantize.allocate, analysis["layers"], sensitivity)
     items = []
@@ -152,13 +156,19 @@ def plan_quantization(quantize: Quantize, analysis: dict) -> dict:
         options = [(unit_bytes(unit, recipe_format(quantize, b)), c) for b, c in zip(widths, unit_costs)]
         items.append(options[-1:] if unit["layer"] in pinned else options)
     vocab, hidden = inventory["embedding_shape"]
-    if quantize.embeddings == "keep":
+    weights = sum(u["weights"] for u in units)
+    allocated = quantize.embeddings == "auto"
+    if allocated:  # one more knapsack item: the embedding at each width, costed by its sensitivity
+        embedding_costs = [max(0.0, float(sensitivity[EMBEDDING_KEY][str(b)])) for b in widths]
+        items.append([(stored_bytes(vocab, hidden, recipe_format(quantize, b)), c) for b, c in zip(widths, embedding_costs)])
+        weights += vocab * hidden
+        embedding = {"bytes": 0}
+    elif quantize.embeddings == "keep":
         embedding = {"bits": "keep", "bytes": vocab * hidden * inventory.get("embedding_element_bytes", 4)}
     else:
         fmt = recipe_format(quantize, quantize.embeddings)
         embedding = dict(format_record(fmt), bytes=stored_bytes(vocab, hidden, fmt))
     fixed = inventory["other_tensor_bytes"] + embedding["bytes"] + exact_bytes(len(exact))
-    weights = sum(u["weights"] for u in units)
     if quantize.budget.avg_bits is not None:
         capacity = math.floor(quantize.budget.avg_bits * weights / 8)
     else:
@@ -176,6 +186,11 @@ def plan_quantization(quantize: Quantize, analysis: dict) -> dict:
             f"for widths {widths} with group size {quantize.group_size}, embedding {quantize.embeddings} "
             f"and the pinned layers")
     choices, used, total_cost = solution
+    if allocated:
+        bits = widths[choices[-1]]
+        embedding = dict(format_record(recipe_format(quantize, bits)), bytes=items[-1][choices[-1]][0], allocated=True,
+                         costs={str(b): c for b, c in zip(widths, embedding_costs)})
+        choices, items = choices[:-1], items[:-1]
     unit_records, linears = [], {}
     for unit, options, unit_costs, choice in zip(units, items, costs, choices):
         bits = widths[-1] if unit["layer"] in pinned else widths[choice]
