@@ -174,7 +174,7 @@ def _sixteen_bit_inputs_only(model) -> bool:
     return all(sixteen(n.input[0]) and sixteen(n.input[1]) for n in model.graph.node if n.op_type == "MatMul")
 
 
-@pytest.mark.parametrize("kind", ["original", "mixed", "8-bit", "sparse", "shared"])
+@pytest.mark.parametrize("kind", ["mixed", "8-bit", "sparse"])
 def test_float16_products_stay_within_their_tolerance(artifact, kind):
     folder = artifact(kind)
     for graph in graphs(folder):
