@@ -34,7 +34,7 @@ from compressor.sources import load_model
 from compressor.pipeline import analyze, compress, make_plan
 from compressor.process import quiet_transformers
 from compressor.recipe import parse_recipe
-from compressor.stages import quantization
+from compressor.stages import equalization, quantization
 from compressor.stages.run import Run
 from exporters.safetensors import write_model
 from exporters.shards import weights_bytes
@@ -51,10 +51,12 @@ def file_size(model, quantized) -> int:
 
 
 def measured_row(name: str, kind: str, source, recipe, analysis, windows, started: float) -> dict:
-    """Plans `recipe` on `analysis`, quantizes a fresh copy of the source, saves it and scores it."""
+    """Plans `recipe` on `analysis`, equalizes (when the plan says so) and quantizes a fresh copy of
+    the source, saves it and scores it."""
     plan = make_plan(recipe, analysis)
-    model = copy.deepcopy(source.model)
-    quantized = quantization.apply(model, plan, Run(source.tokenizer, quiet=True)).codes
+    run = Run(source.tokenizer, quiet=True)
+    model = equalization.apply(copy.deepcopy(source.model), plan, run).model
+    quantized = quantization.apply(model, plan, run).codes
     seconds = time.perf_counter() - started
     spec = plan["quantization"]
     return {"name": name, "kind": kind, "bytes": file_size(model, quantized), "perplexity": perplexity(model, windows, True),

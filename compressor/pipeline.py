@@ -38,7 +38,7 @@ from compressor.process import peak_rss_mb, quiet_transformers
 from compressor.recipe import Recipe, TensorRT, check_name, default, load_recipe, recipe_yaml
 from compressor.report import artifact_report, quantization_summary as summary_of_quantization, report_markdown
 from compressor.runtime import load
-from compressor.stages import quantization
+from compressor.stages import equalization, quantization
 from compressor.stages.run import Applied, Run
 from exporters.onnx import DEFAULT_TOLERANCE, require
 from exporters.onnx.files import DECODER_FILE, SPARSE_FILE
@@ -165,6 +165,8 @@ def log_decision(stage, plan: dict, log) -> None:
         log(f"plan: sparse tokens, {part['method']} at layer {part['filter_layer']} ({part['reason']})")
     elif stage.PART == "sharing":
         log(sharing_summary(part))
+    elif stage.PART == "equalization":
+        log(equalization.summary(part))
     elif stage.PART == "quantization":
         log(quantization_summary(part))
 

@@ -184,8 +184,36 @@ def validate_plan(plan, where: str = "plan") -> dict:
         raise bad_value(where, "serve", serve, f"a list of {', '.join(SERVE_TARGETS)}")
     _validate_sparse_tokens(plan, where)
     validate_sharing(plan, where)
+    _validate_equalization(plan, where)
     _validate_quantization(plan, where)
     return plan
+
+
+EQUALIZATION_GROUPS = ("attention_input", "value_output", "mlp_input", "down_input")
+
+
+def _validate_equalization(plan: dict, where: str) -> None:
+    spec = plan.get("equalization")
+    if spec is None or spec == {}:
+        return
+    need_object(where, "equalization", spec, "an object with the equalization's alphas, or null")
+    _need_choice(where, "equalization.method", spec.get("method"), ("awq",))
+    check_calibration(spec.get("calibration"), where, "equalization.calibration")
+    samples = spec.get("samples")
+    if not _is_int(samples) or not 1 <= samples <= spec["calibration"]["samples"]:
+        raise bad_value(where, "equalization.samples", samples,
+                        f"an integer 1..{spec['calibration']['samples']} (the calibration's samples)")
+    groups = spec.get("groups")
+    if not isinstance(groups, list) or len(groups) > 4 * len(plan["layers"]):
+        raise bad_value(where, "equalization.groups", groups, f"a list of at most {4 * len(plan['layers'])} groups")
+    for i, group in enumerate(groups):
+        field = f"equalization.groups[{i}]"
+        need_object(where, field, group, "an object with layer, group and alpha")
+        layer = group.get("layer")
+        if not _is_int(layer) or not 0 <= layer < len(plan["layers"]):
+            raise bad_value(where, f"{field}.layer", layer, f"a layer index 0..{len(plan['layers']) - 1}")
+        _need_choice(where, f"{field}.group", group.get("group"), EQUALIZATION_GROUPS)
+        need_number(where, f"{field}.alpha", group.get("alpha"), 0, 1, low_open=True)
 
 
 def _validate_sparse_tokens(plan: dict, where: str) -> None:

@@ -165,6 +165,18 @@ class Quantize(Strict):
         return self
 
 
+class Equalize(Strict):
+    """Activation-aware equalization (AWQ) before quantization (compressor.transforms.equalize): per
+    input channel scales folded exactly into the preceding norm or linear, their exponent alpha
+    searched per group of linears on `samples` calibration windows (the first `tokens` rows of each
+    group's input score round-to-nearest at `bits` in the quantize section's format, `grid` steps)."""
+    method: Literal["awq"] = "awq"
+    bits: Literal[2, 3, 4, 8] = 4
+    grid: int = Field(20, ge=2, le=100)
+    samples: int = Field(8, ge=1, le=MAX_WINDOWS)
+    tokens: int = Field(2048, ge=16, le=MAX_SEQ_LEN)
+
+
 class FilterProbe(Strict):
     """The retrieval probe behind `filter_layer: auto`: needles planted in calibration text at
     `samples` depths in prompts of `tokens` tokens; a layer recovers a needle when its selection keeps
@@ -333,6 +345,7 @@ class Recipe(Strict):
     quantize: Quantize | None = None
     sparse_tokens: SparseTokens | None = None
     share: Share | None = None
+    equalize: Equalize | None = None
     evaluate: Evaluation = Evaluation()
     # model.safetensors is always written (every other format is exported from it); "onnx" adds onnx/,
     # "tensorrt" adds tensorrt/ (its engines are built from the ONNX graphs, so onnx/ is written too).
@@ -368,6 +381,15 @@ class Recipe(Strict):
         if (info.context or {}).get("input"):
             check_name(name)
         return name
+
+    @model_validator(mode="after")
+    def equalize_before_quantizing(self):
+        if self.equalize is not None and self.quantize is None:
+            raise ValueError("equalize: searches scales for the quantize section's format; add a quantize section "
+                             "or drop equalize")
+        if self.equalize is not None and self.share is not None:
+            raise ValueError("equalize: cannot scale projections that share factors (share); drop one of them")
+        return self
 
     @model_validator(mode="after")
     def servable(self):

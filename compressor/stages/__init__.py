@@ -1,5 +1,5 @@
 """The techniques, one stage each, in the order they run: removal, sparse-token filter, sharing,
-quantization.
+equalization, quantization.
 
 Every stage module has the same three plain functions:
 
@@ -12,9 +12,9 @@ and the names it uses: SECTION (its recipe section), PART (its section of plan.j
 the earlier stages produced. Adding a technique means adding one module here and one recipe section.
 """
 
-from compressor.stages import quantization, removal, sharing, sparse_tokens
+from compressor.stages import equalization, quantization, removal, sharing, sparse_tokens
 
-STAGES = (removal, sparse_tokens, sharing, quantization)
+STAGES = (removal, sparse_tokens, sharing, equalization, quantization)
 
 
 def named_by(recipe) -> list:
