@@ -33,7 +33,7 @@ SHARE = {"projections": ["q_proj", "k_proj", "v_proj", "o_proj"], "reduction": 0
 
 
 def test_every_stage_has_the_three_steps_in_the_running_order():
-    assert [s.PART for s in stages.STAGES] == ["removal", "sparse_tokens", "sharing", "quantization"]
+    assert [s.PART for s in stages.STAGES] == ["removal", "sparse_tokens", "sharing", "equalization", "quantization"]
     for stage in stages.STAGES:
         for step in ("measure", "decide", "apply"):
             assert callable(getattr(stage, step)), (stage.__name__, step)
@@ -49,6 +49,7 @@ MISSING = {
     "sparse_tokens": ({"sparse_tokens": {"filter_layer": "auto", "keep_tokens": 64, "keep_last": 8,
                                          "probe": {"tokens": 128}}}, "the filter-layer probe"),
     "sharing": ({"share": SHARE}, "sharing analysis for these settings"),
+    "equalization": ({"equalize": {}, "quantize": QUANTIZE}, "the equalization search"),
     "quantization": ({"quantize": QUANTIZE}, "inventory of quantizable tensors"),
 }
 
