@@ -72,6 +72,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.removal
 	$(BIN)/python -m bench.quantization
+	$(BIN)/python -m bench.quantization_levers
 	$(BIN)/python -m bench.sparse_tokens
 	$(BIN)/python -m bench.sharing
 	$(BIN)/python -m bench.verify
