@@ -161,6 +161,20 @@ def check_figures(rows: list[dict], original: dict) -> dict:
     return checks
 
 
+def evaluation_setup(quick: bool, script: str) -> tuple[str, int, int, dict]:
+    """(evaluation text, windows, tokens per window, calibration settings) of the quantization
+    benches: the first 16 WikiText-2 test windows of 512 tokens, calibration 32 x 512 tokens of the
+    embedded text (tiny settings with `quick`)."""
+    eval_text = default_evaluation_text()
+    if eval_text == "embedded" and not quick:
+        raise SystemExit(f"{script}: WikiText-2 test not found; put shared/data/wikitext-2-raw/wiki.test.raw "
+                         "beside the project or set COMPRESSOR_EVAL_TEXT to that file")
+    n_windows, seq_len = (2, 128) if quick else (16, 512)
+    calibration = {"text": "embedded", "samples": 4, "seq_len": 128, "seed": 0} if quick else \
+        {"text": "embedded", "samples": 32, "seq_len": 512, "seed": 0}
+    return eval_text, n_windows, seq_len, calibration
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings to smoke-test the script")
@@ -170,13 +184,7 @@ def main() -> None:
     args = parser.parse_args()
     quiet_transformers()
     torch.manual_seed(0)
-    eval_text = default_evaluation_text()
-    if eval_text == "embedded" and not args.quick:
-        raise SystemExit("bench.quantization: WikiText-2 test not found; put shared/data/wikitext-2-raw/wiki.test.raw "
-                         "beside the project or set COMPRESSOR_EVAL_TEXT to that file")
-    n_windows, seq_len = (2, 128) if args.quick else (16, 512)
-    calibration = {"text": "embedded", "samples": 4, "seq_len": 128, "seed": 0} if args.quick else \
-        {"text": "embedded", "samples": 32, "seq_len": 512, "seed": 0}
+    eval_text, n_windows, seq_len, calibration = evaluation_setup(args.quick, "bench.quantization")
     sensitivity = {"sensitivity_samples": 2, "sensitivity_seq_len": 64} if args.quick else {}
     evaluation = {"windows": n_windows, "seq_len": seq_len,
                   "speed": {"prompt_tokens": 64 if args.quick else 512, "new_tokens": 8, "repeats": 1}}

@@ -23,8 +23,8 @@ import time
 import torch
 
 from bench.common import command_line, machine, write_results
-from bench.quantization import measured_row
-from compressor.data import default_evaluation_text, evaluation_windows
+from bench.quantization import evaluation_setup, measured_row
+from compressor.data import evaluation_windows
 from compressor.evaluate import perplexity
 from compressor.pipeline import analyze, make_plan
 from compressor.process import quiet_transformers
@@ -78,13 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     quiet_transformers()
     torch.manual_seed(0)
-    eval_text = default_evaluation_text()
-    if eval_text == "embedded" and not args.quick:
-        raise SystemExit("bench.quantization_levers: WikiText-2 test not found; put "
-                         "shared/data/wikitext-2-raw/wiki.test.raw beside the project or set COMPRESSOR_EVAL_TEXT")
-    n_windows, seq_len = (2, 128) if args.quick else (16, 512)
-    calibration = {"text": "embedded", "samples": 4, "seq_len": 128, "seed": 0} if args.quick else \
-        {"text": "embedded", "samples": 32, "seq_len": 512, "seed": 0}
+    eval_text, n_windows, seq_len, calibration = evaluation_setup(args.quick, "bench.quantization_levers")
     source = load_model("embedded", quiet=True)
     windows = evaluation_windows(source.tokenizer, eval_text, n_windows, seq_len).input_ids
     original = {"bytes": sum(p.numel() * p.element_size() for p in source.model.state_dict().values()),
