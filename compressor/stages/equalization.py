@@ -20,7 +20,6 @@ from compressor.transforms.equalize import fold_alphas, search_alphas
 from compressor.transforms.quantize import recipe_format
 
 SECTION, PART, RECORD = "equalize", "equalization", "equalization"
-GROUPS = ("attention_input", "value_output", "mlp_input", "down_input")
 
 
 def settings_of(recipe: Recipe) -> dict:

@@ -84,11 +84,18 @@ def _run(command: list[str], what: str) -> None:
         raise CompressorError(f"building {what} failed: {(errors or [done.stderr.strip() or 'no output'])[0][:400]}")
 
 
+def _gencodes(architectures, ptx: bool = False) -> list[str]:
+    """nvcc's native code for each architecture, and with `ptx` the newest one's PTX for later GPUs."""
+    codes = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in architectures]
+    if ptx:
+        codes.append(f"-gencode=arch=compute_{architectures[-1]},code=compute_{architectures[-1]}")
+    return codes
+
+
 def build_plugin(target: Path, toolchain: Toolchain, architectures=ARCHITECTURES) -> Path:
     """Compiles the plugin library to `target` (a file path); returns it."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    codes = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in architectures]
-    codes.append(f"-gencode=arch=compute_{architectures[-1]},code=compute_{architectures[-1]}")
+    codes = _gencodes(architectures, ptx=True)
     _run([toolchain.nvcc, "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-Wno-deprecated-declarations",
           "-I", toolchain.include, "-I", str(SOURCES), *codes, str(SOURCES / "select_tokens_plugin.cpp"),
           str(SOURCES / "select_tokens_kernel.cu"), "-o", str(target)], f"the {NAME} plugin")
@@ -97,7 +104,7 @@ def build_plugin(target: Path, toolchain: Toolchain, architectures=ARCHITECTURES
 
 def compile_kernels(target: Path, nvcc: str, architectures=ARCHITECTURES) -> Path:
     """Compiles the CUDA kernels alone (no TensorRT headers needed) to the object file `target`."""
-    codes = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in architectures]
+    codes = _gencodes(architectures)
     _run([nvcc, "-std=c++17", "-O3", "-c", "-Xcompiler", "-fPIC", *codes, str(SOURCES / "select_tokens_kernel.cu"),
           "-o", str(target)], f"the {NAME} kernels")
     return target
@@ -106,7 +113,7 @@ def compile_kernels(target: Path, nvcc: str, architectures=ARCHITECTURES) -> Pat
 def build_device_library(target: Path, nvcc: str, architectures=ARCHITECTURES) -> Path:
     """Compiles the kernels with a C entry (select_tokens_device.cu) to the shared library `target`,
     for running them on torch CUDA tensors without TensorRT (`device_select`)."""
-    codes = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in architectures]
+    codes = _gencodes(architectures)
     _run([nvcc, "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC", *codes, "-I", str(SOURCES),
           str(SOURCES / "select_tokens_device.cu"), str(SOURCES / "select_tokens_kernel.cu"), "-o", str(target)],
          f"the {NAME} device library")
