@@ -27,8 +27,9 @@ from pydantic import ValidationError
 from compressor.analysis.sharing import sharing_key
 from compressor.errors import CompressorError, shorten
 from compressor.modeling import FactoredLinear
-from compressor.recipe import (MAX_BYTES, MAX_LAYERS, MAX_RANK, MAX_UNITS, SPARSE_METHODS, Calibration, Quantize,
-                               Recipe, Removal, describe_validation_error, sparse_settings_problem)
+from compressor.recipe import (CALIBRATED_METHODS, MAX_BYTES, MAX_LAYERS, MAX_RANK, MAX_UNITS, QUANT_BITS, QUANT_METHODS,
+                               SPARSE_METHODS, Calibration, Quantize, Recipe, Removal, describe_validation_error,
+                               sparse_settings_problem)
 from compressor.safe_load import PLAN_MAX_BYTES, read_json
 from compressor.serving import SERVE_TARGETS
 from compressor.transforms.prune import remove_units
@@ -79,10 +80,10 @@ def shared_groups(plan: dict) -> list[dict]:
 # shapes) before the long work of `apply` starts. Both raise one CompressorError naming the file
 # and the field. Fields that are only informational (notes, costs, reasons) are not checked.
 
-QUANT_METHODS = ("rtn", "gptq")
-PLAN_BITS = (2, 3, 4, 8)
+PLAN_BITS = QUANT_BITS
 PLAN_GROUP_SIZES = (32, 64, 128, None)
 HESSIAN_TOKENS = ("equal", "raw")
+CLIPS = ("minmax", "search")
 SHARE_FITS = ("activation", "weight")
 MAX_PLAN_ENTRIES = 1_000_000
 MAX_MODULE_NAME = 200
@@ -303,6 +304,8 @@ def _validate_quantization(plan: dict, where: str) -> None:
     _need_choice(where, "quantization.act_order", spec.get("act_order"), (True, False))
     if "hessian_tokens" in spec:
         _need_choice(where, "quantization.hessian_tokens", spec["hessian_tokens"], HESSIAN_TOKENS)
+    if "clip" in spec:
+        _need_choice(where, "quantization.clip", spec["clip"], CLIPS)
     linears = need_object(where, "quantization.linears", spec.get("linears"),
                            "an object mapping module names to {bits, group_size, symmetric}")
     if len(linears) > MAX_PLAN_ENTRIES:
@@ -324,7 +327,12 @@ def _validate_quantization(plan: dict, where: str) -> None:
         _need_int(where, f"{at}.row", item.get("row"), 0, MAX_PLAN_ENTRIES * 1000)
         _need_int(where, f"{at}.column", item.get("column"), 0, MAX_PLAN_ENTRIES * 1000)
     _need_int(where, "quantization.predicted_tensor_bytes", spec.get("predicted_tensor_bytes"), 0, MAX_BYTES)
-    if method == "gptq":
+    if method == "signround":
+        rounding = need_object(where, "quantization.signround", spec.get("signround"), "an object with steps")
+        _need_int(where, "quantization.signround.steps", rounding.get("steps"), 1, 10_000)
+        if rounding.get("learning_rate") is not None:
+            need_number(where, "quantization.signround.learning_rate", rounding["learning_rate"], 0, 1, low_open=True)
+    if method in CALIBRATED_METHODS:
         check_calibration(spec.get("calibration"), where, "quantization.calibration")
 
 
@@ -360,7 +368,7 @@ def check_plan_for_model(plan: dict, model, where: str | None = None) -> None:
     context = getattr(config, "max_position_embeddings", None)
     sharing, quantization = plan.get("sharing") or {}, plan.get("quantization") or {}
     for field, section, used in (("sharing.calibration", sharing, shared_groups(plan) and sharing.get("fit") == "activation"),
-                                 ("quantization.calibration", quantization, quantization.get("method") == "gptq")):
+                                 ("quantization.calibration", quantization, quantization.get("method") in CALIBRATED_METHODS)):
         if used and context and section["calibration"]["seq_len"] > context:
             raise CompressorError(f"{where}: {field}.seq_len is {section['calibration']['seq_len']}; allowed: at most "
                                   f"the model's context of {context} tokens")

@@ -102,6 +102,22 @@ class Removal(Strict):
     search_seq_len: int = Field(128, ge=8, le=MAX_SEQ_LEN)
 
 
+# Stored code widths. 5 and 6 bits are packed densely by compressed-tensors (90 and 108 int32 per
+# 576-wide row) and ride in int8 containers in ONNX.
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+QuantBits = Literal[QUANT_BITS]
+# Quantization methods; the last two quantize on calibration windows. `signround` is GPTQ refined by
+# learned rounding (compressor.transforms.signround); its sensitivity is measured with GPTQ.
+QUANT_METHODS = ("rtn", "gptq", "signround")
+CALIBRATED_METHODS = ("gptq", "signround")
+
+
+def sensitivity_method(method: str) -> str:
+    """The method a quantization sensitivity is measured with (one refinement per unit and width
+    would cost the refinement's minutes that many times)."""
+    return "gptq" if method == "signround" else method
+
+
 class QuantizeBudget(Strict):
     """Exactly one of: `avg_bits`, the mean stored bits per weight of the decoder linears (packed codes,
     scales and zero points included; with `embeddings: auto`, of the linears and the embedding), or
@@ -124,9 +140,17 @@ class QuantizeProtect(Strict):
     layers: list[LayerIndex] = Field([], max_length=MAX_LAYERS)
 
 
+class SignRound(Strict):
+    """Learned rounding after GPTQ (method: signround): `steps` signed gradient steps per decoder
+    layer, each on one calibration batch drawn at random (the learning rate, by default 1 / steps,
+    decays linearly to zero)."""
+    steps: int = Field(200, ge=1, le=10_000)
+    learning_rate: float | None = Field(None, gt=0, le=1)
+
+
 class Quantize(Strict):
-    method: Literal["rtn", "gptq"] = "gptq"
-    bits: list[Literal[2, 3, 4, 8]] = Field([2, 3, 4, 8], min_length=1, max_length=MAX_LIST)
+    method: Literal[QUANT_METHODS] = "gptq"
+    bits: list[QuantBits] = Field([2, 3, 4, 8], min_length=1, max_length=MAX_LIST)
     group_size: Literal[32, 64, 128, "channel"] = 64
     symmetric: bool = True
     # Symmetric scales: `signed` lets a group's largest-magnitude weight land on the most negative
@@ -140,7 +164,7 @@ class Quantize(Strict):
     # The token embedding (tied to the output head where the model ties them): a fixed width, kept
     # unquantized, or `auto`: one more unit of the knapsack, at each of `bits`, costed by its own
     # measured sensitivity (needs allocate: sensitivity).
-    embeddings: Literal[2, 3, 4, 8, "keep", "auto"] = 8
+    embeddings: QuantBits | Literal["keep", "auto"] = 8
     protect: QuantizeProtect = QuantizeProtect()
     # GPTQ: damping (a fraction of the mean Hessian diagonal), columns in order of decreasing
     # Hessian diagonal, and how calibration tokens are weighted in the Hessian (`equal`: each
@@ -148,6 +172,11 @@ class Quantize(Strict):
     damp: float = Field(0.1, gt=0, le=100)
     act_order: bool = True
     hessian_tokens: Literal["equal", "raw"] = "equal"
+    # Each group's range: `minmax` (the whole range of its weights) or `search` (the range shrunk by
+    # up to 20 %, per group, to the least squared rounding error weighted by the Hessian diagonal;
+    # compressor.transforms.quantize.group_parameters).
+    clip: Literal["minmax", "search"] = "minmax"
+    signround: SignRound = SignRound()
     # Sensitivity: KL divergence of the final next-token distributions with one allocation unit
     # quantized at each width, on the first `sensitivity_samples` calibration windows cut to
     # `sensitivity_seq_len` tokens.
@@ -171,7 +200,7 @@ class Equalize(Strict):
     searched per group of linears on `samples` calibration windows (the first `tokens` rows of each
     group's input score round-to-nearest at `bits` in the quantize section's format, `grid` steps)."""
     method: Literal["awq"] = "awq"
-    bits: Literal[2, 3, 4, 8] = 4
+    bits: QuantBits = 4
     grid: int = Field(20, ge=2, le=100)
     samples: int = Field(8, ge=1, le=MAX_WINDOWS)
     tokens: int = Field(2048, ge=16, le=MAX_SEQ_LEN)

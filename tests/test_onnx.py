@@ -44,6 +44,9 @@ PLANS = {
     "shared": ("llama", {"share": {"projections": ["q_proj", "k_proj", "v_proj", "o_proj"], "reduction": 0.2,
                                    "group_size": 3, "rank_multiple": 8},
                          "quantize": {"method": "rtn", "bits": [4, 8], "group_size": 32, "budget": {"avg_bits": 6.0}}}),
+    # 5- and 6-bit codes (int8 containers), the embedding at 6 bits.
+    "wide": ("llama", {"quantize": {"method": "rtn", "bits": [5, 6], "group_size": 32, "allocate": "uniform",
+                                    "budget": {"avg_bits": 6.0}, "embeddings": 6}}),
     "qwen2": ("qwen2", {"remove": dict(REMOVE, mlp=0)}),  # q/k/v bias, untied head
     "qwen3": ("qwen3", {}),  # q/k norms
     "mistral": ("mistral", {}),  # sliding window
@@ -211,6 +214,24 @@ def test_quantized_weights_are_the_artifact_codes_and_fuse_into_matmulnbits(arti
     producers = {o: n.op_type for n in optimized.graph.node for o in n.output}
     assert not any(n.op_type == "MatMul" and producers.get(n.input[1]) == "DequantizeLinear"
                    for n in optimized.graph.node)
+
+
+def test_five_and_six_bit_codes_ride_in_int8_containers(artifacts):
+    from onnx import numpy_helper
+
+    from exporters.safetensors import read_quantized_weights
+
+    folder = artifacts("wide")
+    quantized = read_quantized_weights(folder)
+    assert {w.fmt.bits for w in quantized.values()} == {5, 6}
+    assert quantized["model.embed_tokens"].fmt.bits == 6
+    tensors = {t.name: t for t in onnx.load(str(folder / "onnx" / DECODER_FILE)).graph.initializer}
+    for name, weight in quantized.items():
+        codes = tensors[f"{name}.weight_codes"]
+        assert codes.data_type == onnx.TensorProto.INT8
+        assert np.array_equal(numpy_helper.to_array(codes), weight.codes.numpy())
+        low, high = -(1 << (weight.fmt.bits - 1)), (1 << (weight.fmt.bits - 1)) - 1
+        assert int(weight.codes.min()) >= low and int(weight.codes.max()) <= high
 
 
 def test_exact_weights_are_restored_by_a_sparse_correction(tmp_path):

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROBE = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(4))
 
 
-@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("bits", (2, 3, 4, 5, 6, 8))
 @pytest.mark.parametrize("group", (32, None))
 @pytest.mark.parametrize("symmetric", (True, False))
 def test_the_parametrization_is_dequantize_exactly(bits, group, symmetric):

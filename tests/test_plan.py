@@ -364,7 +364,7 @@ QUANTIZATION = {"method": "rtn", "damp": 0.1, "act_order": True, "hessian_tokens
      "p.json: sharing.calibration is None; allowed: an object with text, samples, seq_len and seed"),
     (lambda p: p.update(quantization=dict(QUANTIZATION, linears={"model.layers.1.mlp.up_proj": {
         "bits": 4.0, "group_size": 64, "symmetric": True}})),
-     "p.json: quantization.linears['model.layers.1.mlp.up_proj'].bits is 4.0; allowed: 2, 3, 4, 8"),
+     "p.json: quantization.linears['model.layers.1.mlp.up_proj'].bits is 4.0; allowed: 2, 3, 4, 5, 6, 8"),
     (lambda p: p.update(quantization=dict(QUANTIZATION, damp=float("nan"))),
      "p.json: quantization.damp is nan; allowed: a finite number > 0 and <= 100"),
     (lambda p: p.update(quantization=dict(QUANTIZATION, method="gptq")),

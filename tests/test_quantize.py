@@ -22,12 +22,13 @@ import torch
 from compressor.bit_allocation import solve_knapsack
 from compressor.errors import CompressorError
 from compressor.transforms.quantize import (
-    QuantFormat, QuantizedWeight, code_range, exact_bytes, gptq_quantize, rtn_quantize, stored_bytes)
+    QuantFormat, QuantizedWeight, code_range, exact_bytes, gptq_quantize, group_parameters, quantize_with, rtn_quantize,
+    stored_bytes)
 from exporters.quantized_layout import formats_from_config, pack_weight, quantization_config, unpack_weight
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BITS = (2, 3, 4, 8)
+BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128, None)
 FORMATS = [QuantFormat(b, g, s) for b, g, s in itertools.product(BITS, GROUP_SIZES, (True, False))]
 # in_features a multiple of 128; out_features not a multiple of 32 (zero points pack along it);
@@ -213,6 +214,47 @@ def test_gptq_beats_rtn_on_layer_output_error(layer2_hessians, name, bits):
     assert rtn > 0
     assert gptq_error < 0.8 * rtn, (gptq_error, rtn)
     assert ordered_error < 0.8 * rtn, (ordered_error, rtn)
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat(3, 64, True), QuantFormat(4, 64, True), QuantFormat(4, 64, True, True),
+                                 QuantFormat(4, 32, False)], ids=fmt_id)
+def test_clip_search_never_rounds_a_group_worse_than_minmax_and_follows_importance(fmt):
+    g = torch.Generator().manual_seed(fmt.bits)
+    groups = torch.randn(200, fmt.group_size, generator=g) ** 3  # heavy tails: shrinking the range pays
+    importance = torch.rand(fmt.group_size, generator=g) + 0.01
+    importance[:4] = 100.0
+
+    def errors(scale, zero):
+        _, dequantized = quantize_with(groups, scale, zero, fmt.bits)
+        return ((groups - dequantized) ** 2 * importance).sum(-1)
+
+    minmax = errors(*group_parameters(groups, fmt))
+    scale, zero = group_parameters(groups, fmt, clip="search", importance=importance)
+    searched = errors(scale, zero)
+    assert scale.dtype == torch.float16 and bool((searched <= minmax).all())
+    assert float(searched.sum()) < 0.9 * float(minmax.sum())
+    # The heavily weighted columns are rounded at least as well as with equal importance.
+    plain = group_parameters(groups, fmt, clip="search")
+    heavy = lambda p: float(((groups - quantize_with(groups, *p, fmt.bits)[1])[:, :4] ** 2).sum())  # noqa: E731
+    assert heavy((scale, zero)) <= heavy(plain)
+    with pytest.raises(ValueError, match="clip must be 'minmax' or 'search'"):
+        group_parameters(groups, fmt, clip="mse")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("bits", (3, 4))
+def test_gptq_with_clip_search_lowers_layer_output_error(layer2_hessians, bits):
+    """Summed over q_proj and down_proj, with act_order (the default). On the embedded model the
+    search lowers each linear's output error by about 10 % at 3 bits and 0-6 % at 4 bits."""
+    weights, hessians = layer2_hessians
+    fmt = QuantFormat(bits, 64, True)
+    minmax = searched = 0.0
+    for name, weight in weights.items():
+        minmax += output_error(weight, gptq_quantize(weight, hessians[name], fmt, act_order=True).dequantize(),
+                               hessians[name])
+        searched += output_error(weight, gptq_quantize(weight, hessians[name], fmt, act_order=True,
+                                                       clip="search").dequantize(), hessians[name])
+    assert searched < minmax, (searched, minmax)
 
 
 # ---------------------------------------------------------------------------------------------

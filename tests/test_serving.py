@@ -203,6 +203,18 @@ def test_a_quantize_only_artifact_loads_in_plain_transformers(tiny_model_folder,
         "toolkit": True, "onnxruntime": False, "transformers": True, "vllm": True}
 
 
+def test_five_and_six_bit_widths_load_in_plain_transformers(tiny_model_folder, tmp_path):
+    wide = dict(QUANTIZE_4BIT, bits=[5, 6], budget={"avg_bits": 6.0})
+    folder = compressed_folder(tiny_model_folder, tmp_path, "q56", {"quantize": wide, "serve": ["transformers"]})
+    groups = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert sorted(g["weights"]["num_bits"] for g in groups.values()) == [5, 6]
+    result = plain_transformers(folder)
+    assert result["class"] == "LlamaForCausalLM" and result["compressed_tensors"]
+    torch.testing.assert_close(torch.tensor(result["logits"]), toolkit_logits(folder), atol=1e-5, rtol=0)
+    with pytest.raises(CompressorError, match="vLLM has kernels for 4 and 8 bits"):
+        compressed_folder(tiny_model_folder, tmp_path, "q56v", {"quantize": wide, "serve": ["vllm"]})
+
+
 def test_an_unchanged_artifact_loads_in_plain_transformers_without_compressed_tensors(tiny_model_folder, tmp_path):
     folder = compressed_folder(tiny_model_folder, tmp_path, "same", {})
     result = plain_transformers(folder, block_compressed_tensors=True)

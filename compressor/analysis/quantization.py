@@ -17,6 +17,7 @@ from compressor.analysis.removal import Scorer
 from compressor.analysis.tensor_bytes import other_tensor_bytes
 from compressor.bit_allocation import allocation_units
 from compressor.progress import progress
+from compressor.recipe import sensitivity_method
 from compressor.transforms.quantize import recipe_format
 from compressor.execution.layerwise import run_block
 from compressor.execution.offload import placed
@@ -29,12 +30,14 @@ EMBEDDING_KEY = "embedding"  # the embedding's entry among the sensitivity score
 
 def sensitivity_key(quantize) -> dict:
     """What a recorded sensitivity measurement must match to be reused by a plan."""
-    key = {"method": quantize.method, "group_size": quantize.group_size, "symmetric": quantize.symmetric,
+    key = {"method": sensitivity_method(quantize.method), "group_size": quantize.group_size, "symmetric": quantize.symmetric,
            "granularity": quantize.granularity, "samples": quantize.sensitivity_samples,
            "seq_len": quantize.sensitivity_seq_len, "damp": quantize.damp, "act_order": quantize.act_order,
            "hessian_tokens": quantize.hessian_tokens}
     if quantize.scales == "positive":  # absent for signed scales: earlier analyses still match
         key["scales"] = "positive"
+    if quantize.clip != "minmax":  # likewise
+        key["clip"] = quantize.clip
     return key
 
 
@@ -63,7 +66,8 @@ def quantization_sensitivity(model, quantize, calibration: torch.Tensor, batch_s
         scores[EMBEDDING_KEY] = embedding_sensitivity(model, quantize, scorer)
     inventory = quantization_inventory(model)
     units = allocation_units(inventory["linears"], quantize.granularity)
-    hidden = embedded_inputs(model, calibration, batch_size) if quantize.method == "gptq" else None
+    method = sensitivity_method(quantize.method)
+    hidden = embedded_inputs(model, calibration, batch_size) if method == "gptq" else None
     layers = range(len(model.model.layers))
     for layer in progress(layers, "quantization sensitivity", quiet):
         layer_units = [u for u in units if u["layer"] == layer]
@@ -78,8 +82,8 @@ def quantization_sensitivity(model, quantize, calibration: torch.Tensor, batch_s
                     scores[unit["key"]] = {}
                     for bits in quantize.bits:
                         formats = {name: recipe_format(quantize, bits) for name in unit["linears"]}
-                        quantize_layer_linears(model, layer, formats, quantize.method, hessians, {}, quantize.damp,
-                                               quantize.act_order)
+                        quantize_layer_linears(model, layer, formats, method, hessians, {}, quantize.damp,
+                                               quantize.act_order, quantize.clip)
                         scores[unit["key"]][str(bits)] = scorer.divergence(start_layer=layer)
                         _restore(model, layer, originals)
             if hidden is not None:
@@ -95,7 +99,7 @@ def embedding_sensitivity(model, quantize, scorer: Scorer) -> dict[str, float]:
     costs = {}
     try:
         for bits in quantize.bits:
-            quantize_embedding(model, recipe_format(quantize, bits))
+            quantize_embedding(model, recipe_format(quantize, bits), quantize.clip)
             costs[str(bits)] = scorer.divergence(start_layer=0)
             embedding.weight = original
     finally:

@@ -19,7 +19,7 @@ from compressor.analysis.quantization import (EMBEDDING_KEY, quantization_invent
 from compressor.bit_allocation import allocation_units, option_costs, solve_knapsack, unit_bytes
 from compressor.errors import CompressorError, MissingRecord, shorten
 from compressor.plan import UNIT_KINDS, bad_value, need_number, need_object
-from compressor.recipe import Quantize, Recipe
+from compressor.recipe import CALIBRATED_METHODS, Quantize, Recipe
 from compressor.stages.run import Applied, Run
 from compressor.transforms.quantize import QuantFormat, exact_bytes, recipe_format, stored_bytes
 from compressor.transforms.quantize_model import quantize_model
@@ -203,7 +203,8 @@ def plan_quantization(quantize: Quantize, analysis: dict) -> dict:
             linears[name] = format_record(fmt)
     return {
         "method": quantize.method, "damp": quantize.damp, "act_order": quantize.act_order,
-        "hessian_tokens": quantize.hessian_tokens,
+        "hessian_tokens": quantize.hessian_tokens, "clip": quantize.clip,
+        **({"signround": quantize.signround.model_dump()} if quantize.method == "signround" else {}),
         "allocate": quantize.allocate, "granularity": quantize.granularity, "widths": widths,
         "budget": {"requested": quantize.budget.model_dump(exclude_none=True), "capacity_bytes": capacity,
                    "used_bytes": used, "avg_bits": 8 * used / weights, "summed_cost": total_cost},
@@ -240,8 +241,9 @@ def apply(model, plan: dict, run: Run, record=None) -> Applied:
         mask[item["row"], item["column"]] = True
     embedding = spec["embedding"]
     embedding_format = None if embedding["bits"] == "keep" else record_format(embedding)
-    calibration = run.calibration(spec["calibration"]).input_ids if spec["method"] == "gptq" else None
+    calibration = run.calibration(spec["calibration"]).input_ids if spec["method"] in CALIBRATED_METHODS else None
     codes = quantize_model(model, formats, spec["method"], calibration, batch_size=run.batch_size, damp=spec["damp"],
                            act_order=spec["act_order"], keep_exact=keep_exact, embedding=embedding_format,
-                           token_weighting=spec.get("hessian_tokens", "equal"), quiet=run.quiet)
+                           token_weighting=spec.get("hessian_tokens", "equal"), clip=spec.get("clip", "minmax"),
+                           signround=spec.get("signround"), quiet=run.quiet)
     return Applied(model, codes)

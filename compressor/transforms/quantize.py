@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.recipe import Quantize, default
+from compressor.recipe import QUANT_BITS, Quantize, default
 
 SCALE_DTYPE = torch.float16
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = QUANT_BITS
 
 
 @dataclass(frozen=True)
@@ -93,31 +93,69 @@ def code_range(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
-def group_parameters(groups: torch.Tensor, fmt: QuantFormat, ignore: torch.Tensor | None = None):
-    """Min-max scale and zero point of each row of `groups` [..., width] (ignored entries left out)."""
+# `clip: search`: the group's range shrunk by each of these factors (the GPTQ reference's `mse`
+# option and AWQ's clipping search), the one with the least importance-weighted squared error kept.
+CLIP_SHRINK = tuple(1.0 - i / 100 for i in range(0, 21))
+
+
+def group_parameters(groups: torch.Tensor, fmt: QuantFormat, ignore: torch.Tensor | None = None,
+                     clip: str = "minmax", importance: torch.Tensor | None = None):
+    """Scale and zero point of each row of `groups` [..., width] (ignored entries left out).
+
+    `minmax` covers the group's whole range. `search` tries the range shrunk by each CLIP_SHRINK
+    factor and keeps, per group, the one whose round-to-nearest error sum importance * (w - q)^2 is
+    least (`importance` [width]: a weight per input column, such as the Hessian diagonal; None:
+    equal), the unshrunk range included, so it is never worse than `minmax` on that measure."""
+    scale, low = _range_parameters(groups, fmt, ignore)
+    if clip == "minmax":
+        return _stored_parameters(scale, low, fmt)
+    if clip != "search":
+        raise ValueError(f"clip must be 'minmax' or 'search', got {clip!r}")
+    values = groups.float()
+    weight = torch.ones(values.shape[-1], device=values.device) if importance is None else importance.float()
+    if ignore is not None:
+        weight = weight * (~ignore).float()
+    best = best_error = None
+    for shrink in CLIP_SHRINK:
+        candidate = _stored_parameters(scale * shrink, None if low is None else low * shrink, fmt)
+        _, dequantized = quantize_with(values, *candidate, fmt.bits)
+        error = ((values - dequantized) ** 2 * weight).sum(-1)
+        if best is None:
+            best, best_error = [t.clone() if t is not None else None for t in candidate], error
+            continue
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best = [torch.where(better, new, old) if old is not None else None for new, old in zip(candidate, best)]
+    return best[0], best[1]
+
+
+def _range_parameters(groups: torch.Tensor, fmt: QuantFormat, ignore: torch.Tensor | None):
+    """The min-max scale (float32) of each group, and the low end of its range (asymmetric only)."""
     qmin, qmax = code_range(fmt.bits)
     values = groups.float()
     if fmt.symmetric and fmt.positive_scales:
         # The smallest positive scale that reaches both the largest weight (at qmax) and the most
         # negative one (at qmin): no weight is clipped.
         kept = values.masked_fill(ignore, 0) if ignore is not None else values
-        scale = torch.maximum(kept.amax(-1).clamp(min=0) / qmax, kept.amin(-1).clamp(max=0) / qmin)
-        low = None
-    elif fmt.symmetric:
+        return torch.maximum(kept.amax(-1).clamp(min=0) / qmax, kept.amin(-1).clamp(max=0) / qmin), None
+    if fmt.symmetric:
         # The group's largest-magnitude weight, with its sign, lands exactly on the most negative
         # code: all 2^b codes are in use and the largest weight is exact (the scale is negative
         # when that weight is positive). Measured on the embedded model, this beats both
         # max/qmax and the half-open max/((qmax - qmin) / 2).
         kept = values.masked_fill(ignore, 0) if ignore is not None else values
         extreme = kept.gather(-1, kept.abs().argmax(-1, keepdim=True)).squeeze(-1)
-        scale = extreme / qmin
-        low = None
-    else:
-        low = values.masked_fill(ignore, float("inf")) if ignore is not None else values
-        high = values.masked_fill(ignore, float("-inf")) if ignore is not None else values
-        low, high = low.amin(-1).clamp(max=0), high.amax(-1).clamp(min=0)
-        scale = (high - low) / (qmax - qmin)
-    # At least the smallest normal float16 in magnitude: never zero.
+        return extreme / qmin, None
+    low = values.masked_fill(ignore, float("inf")) if ignore is not None else values
+    high = values.masked_fill(ignore, float("-inf")) if ignore is not None else values
+    low, high = low.amin(-1).clamp(max=0), high.amax(-1).clamp(min=0)
+    return (high - low) / (qmax - qmin), low
+
+
+def _stored_parameters(scale: torch.Tensor, low: torch.Tensor | None, fmt: QuantFormat):
+    """The float16 scale as stored (at least the smallest normal float16 in magnitude: never zero)
+    and, asymmetric, the int8 zero point that puts `low` on the lowest code."""
+    qmin, qmax = code_range(fmt.bits)
     sign = torch.where(scale < 0, -1.0, 1.0)
     scale = (sign * scale.abs().clamp(min=2.0 ** -14)).to(SCALE_DTYPE)
     zero = None
@@ -147,8 +185,9 @@ def _exact_parts(weight: torch.Tensor, keep_exact: torch.Tensor | None):
     return index, weight.flatten()[index].float().clone()
 
 
-def rtn_quantize(weight: torch.Tensor, fmt: QuantFormat, keep_exact: torch.Tensor | None = None) -> QuantizedWeight:
-    """Round-to-nearest with min-max group scales."""
+def rtn_quantize(weight: torch.Tensor, fmt: QuantFormat, keep_exact: torch.Tensor | None = None,
+                 clip: str = "minmax") -> QuantizedWeight:
+    """Round-to-nearest with min-max group scales (`clip: search`: searched ranges, equal importance)."""
     out_features, in_features = weight.shape
     width = fmt.width(in_features)
     padded = _pad_columns(weight.float(), width)
@@ -156,7 +195,7 @@ def rtn_quantize(weight: torch.Tensor, fmt: QuantFormat, keep_exact: torch.Tenso
     ignore = None
     if keep_exact is not None:
         ignore = _pad_columns(keep_exact.to(device=weight.device, dtype=torch.float32), width).bool().view(out_features, -1, width)
-    scale, zero = group_parameters(groups, fmt, ignore)
+    scale, zero = group_parameters(groups, fmt, ignore, clip)
     codes, _ = quantize_with(groups, scale, zero, fmt.bits)
     codes = codes.view(out_features, -1)[:, :in_features].contiguous()
     index, value = _exact_parts(weight, keep_exact)
@@ -166,13 +205,15 @@ def rtn_quantize(weight: torch.Tensor, fmt: QuantFormat, keep_exact: torch.Tenso
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, damp: float = default(Quantize, "damp"),
                   act_order: bool = default(Quantize, "act_order"), block_size: int = 128,
-                  keep_exact: torch.Tensor | None = None) -> QuantizedWeight:
+                  keep_exact: torch.Tensor | None = None, clip: str = "minmax") -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022): columns quantized one at a time, the rounding error of each spread
     over the columns not yet quantized through the inverse Hessian of the layer's inputs.
 
     `hessian` is X^T X (any positive multiple) of the inputs seen by this linear, [in, in].
     With `act_order`, columns go in order of decreasing Hessian diagonal; group parameters are then
     fixed up front from the original weight (static groups) so the stored layout stays plain.
+    With `clip: search`, each group's range is searched (group_parameters) with the Hessian diagonal
+    of its columns as their importance.
     """
     out_features, in_features = weight.shape
     width = fmt.width(in_features)
@@ -183,13 +224,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat,
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    importance = torch.diag(H).clone()  # of the columns in their original order
     exact = keep_exact.to(W.device).clone() if keep_exact is not None else torch.zeros_like(W, dtype=torch.bool)
     n_groups = fmt.groups(in_features)
     scale = torch.empty(out_features, n_groups, dtype=SCALE_DTYPE, device=W.device)
     zero = torch.empty(out_features, n_groups, dtype=torch.int8, device=W.device) if not fmt.symmetric else None
 
     def fix_group(g: int, source: torch.Tensor, source_exact: torch.Tensor):
-        s, z = group_parameters(source, fmt, source_exact)
+        s, z = group_parameters(source, fmt, source_exact, clip, importance[g * width:(g + 1) * width])
         scale[:, g] = s
         if zero is not None:
             zero[:, g] = z

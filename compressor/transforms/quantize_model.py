@@ -20,9 +20,10 @@ from compressor.execution.offload import offload_of, placed
 from compressor.modeling import FactoredLinear
 from compressor.models.adapters import ATTENTION_LINEARS, MLP_LINEARS
 from compressor.progress import progress
-from compressor.recipe import DEFAULT_BATCH_SIZE, Quantize, default
+from compressor.recipe import CALIBRATED_METHODS, DEFAULT_BATCH_SIZE, QUANT_METHODS, Quantize, SignRound, default
 from compressor.transforms.gram import GramAccumulator
 from compressor.transforms.quantize import QuantFormat, QuantizedWeight, gptq_quantize, rtn_quantize
+from compressor.transforms.signround import refine_layer
 
 # GPTQ quantizes a layer's linears in this order, measuring each step's inputs with the earlier
 # steps already quantized ("true sequential"): o_proj sees the attention output of quantized
@@ -81,7 +82,7 @@ def set_weight(module: torch.nn.Module, quantized: QuantizedWeight) -> None:
     module.weight = torch.nn.Parameter(quantized.dequantize().to(module.weight.dtype), requires_grad=False)
 
 
-def quantize_embedding(model, fmt: QuantFormat) -> QuantizedWeight:
+def quantize_embedding(model, fmt: QuantFormat, clip: str = default(Quantize, "clip")) -> QuantizedWeight:
     """Round-to-nearest, groups along the hidden dimension (a row is one token's vector). An embedding
     kept in a narrower stored precision (an offloaded bfloat16 source) is widened to the compute one
     first, so its dequantized values are what a fully loaded model holds."""
@@ -89,7 +90,7 @@ def quantize_embedding(model, fmt: QuantFormat) -> QuantizedWeight:
     dtype = placement_of(model)[1]
     if embedding.weight.dtype != dtype:
         embedding.weight = torch.nn.Parameter(embedding.weight.to(dtype), requires_grad=False)
-    quantized = rtn_quantize(embedding.weight.data, fmt)
+    quantized = rtn_quantize(embedding.weight.data, fmt, clip=clip)
     set_weight(model.model.embed_tokens, quantized)
     return quantized
 
@@ -168,7 +169,7 @@ def spill_codes(model, results: dict[str, QuantizedWeight]) -> dict[str, StoredC
 
 def quantize_layer_linears(model, layer: int, formats: dict[str, QuantFormat], method: str,
                            hessians: dict[str, torch.Tensor] | None, keep_exact: dict[str, torch.Tensor],
-                           damp: float, act_order: bool) -> dict[str, QuantizedWeight]:
+                           damp: float, act_order: bool, clip: str = default(Quantize, "clip")) -> dict[str, QuantizedWeight]:
     """Quantizes the linears of one layer named in `formats` and writes them into the model."""
     results = {}
     for name, module in layer_linears(model, layer):
@@ -178,9 +179,9 @@ def quantize_layer_linears(model, layer: int, formats: dict[str, QuantFormat], m
         mask = keep_exact.get(name)
         if method == "gptq":
             results[name] = gptq_quantize(module.weight.data, hessians[name], fmt, damp=damp, act_order=act_order,
-                                          keep_exact=mask)
+                                          keep_exact=mask, clip=clip)
         else:
-            results[name] = rtn_quantize(module.weight.data, fmt, keep_exact=mask)
+            results[name] = rtn_quantize(module.weight.data, fmt, keep_exact=mask, clip=clip)
         set_weight(module, results[name])
     return results
 
@@ -202,33 +203,60 @@ def quantize_model(model, formats: dict[str, QuantFormat], method: str = "gptq",
                    act_order: bool = default(Quantize, "act_order"),
                    keep_exact: dict[str, torch.Tensor] | None = None, embedding: QuantFormat | None = None,
                    token_weighting: str = default(Quantize, "hessian_tokens"),
+                   clip: str = default(Quantize, "clip"), signround: dict | None = None,
                    quiet: bool = False) -> dict[str, QuantizedWeight]:
     """Quantizes the decoder linears named in `formats` (and the embedding when given) in place.
 
-    `keep_exact` maps a linear to a boolean mask of weights left exact (stored apart).
+    `keep_exact` maps a linear to a boolean mask of weights left exact (stored apart). `signround`
+    (method signround): its steps and learning rate (compressor.recipe.SignRound).
     """
-    if method not in ("rtn", "gptq"):
-        raise ValueError(f"quantization method must be 'rtn' or 'gptq', got {method!r}")
-    if method == "gptq" and calibration is None:
-        raise ValueError("GPTQ needs calibration token windows")
+    if method not in QUANT_METHODS:
+        raise ValueError(f"quantization method must be one of {QUANT_METHODS}, got {method!r}")
+    if method in CALIBRATED_METHODS and calibration is None:
+        raise ValueError(f"{method} needs calibration token windows")
     keep_exact = keep_exact or {}
     results: dict[str, QuantizedWeight] = {}
+    # The float model's activations, the targets of learned rounding: taken before the embedding
+    # is quantized.
+    reference = embedded_inputs(model, calibration, batch_size) if method == "signround" else None
     if embedding is not None:  # first, so that GPTQ calibrates the layers on the quantized embedding
-        results[EMBEDDING] = quantize_embedding(model, embedding)
+        results[EMBEDDING] = quantize_embedding(model, embedding, clip)
     layers = range(len(model.model.layers))
-    hidden = embedded_inputs(model, calibration, batch_size) if method == "gptq" else None
+    hidden = embedded_inputs(model, calibration, batch_size) if method in CALIBRATED_METHODS else None
     for layer in progress(layers, f"quantizing ({method})", quiet):
         wanted = [name for name, _ in layer_linears(model, layer) if name in formats]
         layer_results = {}
         with placed(model, layer) as block:
             if method == "rtn":
-                layer_results = quantize_layer_linears(model, layer, formats, method, None, keep_exact, damp, act_order)
+                layer_results = quantize_layer_linears(model, layer, formats, method, None, keep_exact, damp, act_order,
+                                                       clip)
             else:
+                # The float layer's outputs on float inputs, before its weights are quantized.
+                targets = run_block(model, block, reference) if reference is not None else None
+                originals = {name: module.weight.data for name, module in layer_linears(model, layer)}
                 for names in sequential_steps(wanted):
                     hessians = accumulate_hessians(model, layer, hidden, names, token_weighting)
                     step_formats = {name: formats[name] for name in names}
-                    layer_results.update(quantize_layer_linears(model, layer, step_formats, method, hessians,
-                                                                keep_exact, damp, act_order))
+                    layer_results.update(quantize_layer_linears(model, layer, step_formats, "gptq", hessians,
+                                                                keep_exact, damp, act_order, clip))
+                if targets is not None:
+                    if layer_results:
+                        layer_results = _refine(model, layer, block, hidden, targets, originals, layer_results,
+                                                signround)
+                    reference = targets
                 hidden = run_block(model, block, hidden)
         results.update(spill_codes(model, layer_results))
     return results
+
+
+def _refine(model, layer: int, block, hidden, targets, originals: dict, quantized: dict, settings: dict | None) -> dict:
+    """Learned rounding of one layer's GPTQ solution (compressor.transforms.signround), written into the model."""
+    settings = settings or {}
+    modules = {name: module for name, module in layer_linears(model, layer) if name in quantized}
+    rotary = rotary_and_mask(model, hidden[0].shape[1])
+    refined, _ = refine_layer(block, rotary, list(hidden), list(targets), originals, quantized, modules,
+                              settings.get("steps", default(SignRound, "steps")), settings.get("learning_rate"),
+                              seed=layer)
+    for name, module in modules.items():
+        set_weight(module, refined[name])
+    return refined

@@ -4,7 +4,7 @@ The exported graph first holds every weight as a float initializer named as in t
 (`NAME.weight`), read by `Transpose -> MatMul` (a linear, or the tied output head) or by `Gather`
 (the embedding). For each quantized weight this module replaces the float initializer by:
 
-- 3-, 4- and 8-bit codes: `NAME.weight_codes` (int4, or int8 for 8 bits and for the embedding,
+- 3- to 8-bit codes: `NAME.weight_codes` (int4, or int8 for 5, 6 and 8 bits and for the embedding,
   since ONNX Runtime's Gather has no int4), `NAME.weight_scale` (float32 [out, groups]; the float16
   scale widened exactly) and `NAME.weight_zero_point` when asymmetric, read by
   `Transpose -> DequantizeLinear(axis 0, block_size = group size) -> MatMul`, which ONNX Runtime
@@ -142,7 +142,7 @@ def _rewrite_weight(rw: _Rewriter, name: str, weight: QuantizedWeight) -> str:
         _matmul_nbits(rw, name, weight, matmuls)
         kind = f"MatMulNBits bits=2 block {group}"
     else:
-        container = 8 if fmt.bits == 8 or gathers else 4
+        container = 8 if fmt.bits > 4 or gathers else 4
         rw.new_initializers += [_int_tensor(f"{name}.weight_codes", weight.codes, container), scale]
         dq_inputs = [f"{name}.weight_codes", f"{name}.weight_scale"]
         if weight.zero_point is not None:
@@ -169,7 +169,7 @@ def _rewrite_weight(rw: _Rewriter, name: str, weight: QuantizedWeight) -> str:
                 gathered.append(target)
             nodes.append(helper.make_node("DequantizeLinear", gathered, [output], axis=-1, block_size=group))
             rw.replaced[i] = nodes
-        kind = f"int{container} codes{' (3-bit)' if fmt.bits == 3 else ' (2-bit)' if fmt.bits == 2 else ''}, " \
+        kind = f"int{container} codes{'' if fmt.bits == container else f' ({fmt.bits}-bit)'}, " \
                f"block {group}{', zero point' if weight.zero_point is not None else ''}"
     if weight.exact_index is not None:
         _exact_correction(rw, name, weight, matmuls)
