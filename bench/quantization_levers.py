@@ -1,17 +1,20 @@
 """Quality at size: each quantization lever on its own row, at equal bytes, on the embedded model.
 
-One analysis (GPTQ sensitivity of every decoder layer at 3, 4 and 8 bits, and of the embedding)
-serves every row; each row plans under a byte budget on that analysis, quantizes a fresh copy of
-the model with GPTQ (symmetric, groups of 64, calibration 32 x 512 tokens of the embedded text),
-and scores the first 16 WikiText-2 test windows of 512 tokens (every next-token position).
-Rows at one budget differ by one lever only. Levers measured so far:
+Rows at one budget (90 MB, the size of llama.cpp's IQ4_XS; 105.5 MB, its Q4_K_M) each add one lever
+to the row above. Each row plans under `budget.bytes` on a shared analysis (GPTQ sensitivity of
+every allocation unit at its widths, and of the embedding), quantizes a fresh copy of the model
+(symmetric, groups of 64, calibration 32 x 512 tokens of the embedded text) and scores the first
+16 WikiText-2 test windows of 512 tokens (every next-token position). The levers:
 - `embeddings: auto`: the tied 49152 x 576 embedding (28 M parameters) joins the knapsack at each
-  width instead of a fixed 8 bits.
-- `equalize:` (AWQ scales folded before rounding, then GPTQ); its rows plan on a second analysis
-  measured on the equalized model.
+  width instead of a fixed 8 bits;
+- `equalize:` (AWQ scales folded before rounding, then GPTQ), planned on the equalized model;
+- 5- and 6-bit widths beside 4 and 8;
+- `clip: search`: each group's range searched for the least Hessian-weighted rounding error;
+- `granularity: unit`: attention and MLP units get widths of their own;
+- `method: signround`: learned rounding (signed gradient steps per layer) on top of GPTQ.
 It writes bench/results/quantization_levers.{json,md}.
 
-    python -m bench.quantization_levers            # the full run (about 30 minutes on 2 cores)
+    python -m bench.quantization_levers            # the full run (about 80 minutes on 2 cores)
     python -m bench.quantization_levers --quick    # tiny settings, to check the script itself
 """
 
@@ -31,13 +34,28 @@ from compressor.process import quiet_transformers
 from compressor.recipe import parse_recipe
 from compressor.sources import load_model
 
-BUDGETS_MB = (90.0,)  # the issue's target size (quantize-only is 94.7 MB today)
-# (row label, quantize settings, equalize) at each budget: the baseline first, then the levers.
+BUDGETS_MB = (90.0, 105.5)  # the issue's targets: IQ4_XS (90.9 MB) and Q4_K_M (105.5 MB)
+# The analyses the rows plan on: (equalized, granularity, clip), each measured at every width the
+# rows of that analysis use and for the embedding (embeddings: auto).
+ANALYSES = {
+    "plain": (False, "layer", "minmax", [4, 8]),
+    "equalized": (True, "layer", "minmax", [4, 5, 6, 8]),
+    "clip": (True, "layer", "search", [4, 5, 6, 8]),
+    "unit": (True, "unit", "search", [4, 5, 6, 8]),
+}
+WIDE = [4, 5, 6, 8]
+# (row label, analysis, quantize settings, budgets): each row adds one lever to the row before it.
 VARIANTS = (
-    ("GPTQ 4/8 by sensitivity, embedding 8-bit (quantize-only's settings)", {"bits": [4, 8], "embeddings": 8}, False),
-    ("+ embedding in the allocation (embeddings: auto)", {"bits": [4, 8], "embeddings": "auto"}, False),
-    ("+ equalization (AWQ), embedding 8-bit", {"bits": [4, 8], "embeddings": 8}, True),
-    ("+ equalization and embeddings: auto", {"bits": [4, 8], "embeddings": "auto"}, True),
+    ("baseline: GPTQ 4/8 by sensitivity, embedding 8-bit", "plain", {"bits": [4, 8], "embeddings": 8}, BUDGETS_MB),
+    ("+ embedding in the allocation (embeddings: auto)", "plain", {"bits": [4, 8], "embeddings": "auto"}, (90.0,)),
+    ("+ equalization (AWQ), embedding 8-bit", "equalized", {"bits": [4, 8], "embeddings": 8}, BUDGETS_MB),
+    ("+ 5- and 6-bit widths", "equalized", {"bits": WIDE, "embeddings": 8}, BUDGETS_MB),
+    ("+ clip: search", "clip", {"bits": WIDE, "embeddings": 8, "clip": "search"}, BUDGETS_MB),
+    ("+ embeddings: auto", "clip", {"bits": WIDE, "embeddings": "auto", "clip": "search"}, BUDGETS_MB),
+    ("+ granularity: unit", "unit", {"bits": WIDE, "embeddings": "auto", "clip": "search", "granularity": "unit"},
+     BUDGETS_MB),
+    ("+ method: signround (200 steps)", "unit", {"bits": WIDE, "embeddings": "auto", "clip": "search",
+                                                "granularity": "unit", "method": "signround"}, BUDGETS_MB),
 )
 
 
@@ -50,25 +68,33 @@ def quantize_settings(calibration_quick: bool, **overrides) -> dict:
 
 
 def markdown(rows: list[dict], original: dict, meta: dict) -> str:
+    minutes = ", ".join(f"{key} {seconds / 60:.1f}" for key, seconds in meta["analysis_seconds"].items())
     lines = ["# Quantization levers at equal bytes", "",
              f"Embedded model (SmolLM2-135M-Instruct), WikiText-2 test, first {meta['windows']} windows x "
              f"{meta['seq_len']} tokens (every next-token position); calibration {meta['calibration']} "
-             f"(never WikiText). GPTQ, symmetric, groups of 64, allocated by measured sensitivity. "
-             f"Machine: {meta['machine']['cpu']}, {meta['machine']['torch_threads']} threads. "
-             f"Command: `{meta['command']}`. The analyses took {meta['analysis_seconds']['plain'] / 60:.1f} min "
-             f"(plain) and {meta['analysis_seconds']['equalized'] / 60:.1f} min (equalization search + sensitivity "
-             "of the equalized model).", "",
+             f"(never WikiText). GPTQ, symmetric, groups of 64, allocated by measured sensitivity under "
+             f"`budget.bytes` (the whole model.safetensors). Each row adds one lever to the row above it at its "
+             f"budget. Machine: {meta['machine']['cpu']}, {meta['machine']['torch_threads']} threads. "
+             f"Command: `{meta['command']}`.", "",
+             f"Analyses (minutes on 2 cores, shared by the rows that plan on them): {minutes}. `equalized` "
+             "includes the equalization search; `clip` and `unit` are equalized too.", "",
              f"Original fp32: {original['bytes'] / 1e6:.1f} MB, perplexity {original['perplexity']:.2f}.", "",
-             "| budget MB | variant | size MB | perplexity | vs baseline | embedding bits | widths (layers) | minutes |",
-             "|---|---|---|---|---|---|---|---|"]
-    baselines = {}
+             "| budget MB | variant | size MB | perplexity | vs row above | vs baseline | embedding bits | "
+             "widths (units) | minutes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    baselines, previous = {}, {}
     for row in rows:
-        base = baselines.setdefault(row["budget_mb"], row["perplexity"])
+        budget = row["budget_mb"]
+        base = baselines.setdefault(budget, row["perplexity"])
+        above = previous.get(budget)
+        step = "" if above is None else f"{row['perplexity'] - above:+.2f}"
+        previous[budget] = row["perplexity"]
         widths = ", ".join(f"{n} x {b}" for b, n in row["widths"].items() if n)
-        lines.append(f"| {row['budget_mb']:.1f} | {row['name']} | {row['bytes'] / 1e6:.1f} | {row['perplexity']:.2f} | "
+        lines.append(f"| {budget:.1f} | {row['name']} | {row['bytes'] / 1e6:.1f} | {row['perplexity']:.2f} | {step} | "
                      f"{row['perplexity'] - base:+.2f} | {row['embedding_bits']} | {widths} | {row['seconds'] / 60:.1f} |")
-    lines += ["", "Minutes: planning, equalization (its rows) and GPTQ of that row on 2 cores (the analyses not "
-              "included).", ""]
+    lines += ["", "Minutes: planning, equalization (its rows), GPTQ and refinement of that row on 2 cores (the "
+              "analyses not included). Units: decoder layers, or attention and MLP units with `granularity: unit`.",
+              ""]
     return "\n".join(lines)
 
 
@@ -88,32 +114,40 @@ def main() -> None:
     def recipe(budget_bytes: int, equalized: bool, **quantize):
         data = {"name": "levers", "calibration": calibration,
                 "quantize": quantize_settings(args.quick, budget={"bytes": budget_bytes}, **quantize)}
+        if quantize.get("method") == "signround" and args.quick:
+            data["quantize"]["signround"] = {"steps": 4}
         if equalized:
             data["equalize"] = {"samples": 2, "tokens": 256, "grid": 5} if args.quick else {}
         return parse_recipe(data)
 
+    variants = [VARIANTS[0], VARIANTS[2], VARIANTS[-1]] if args.quick else VARIANTS
+    wanted = {key for _, key, _, _ in variants}
     analyses, analysis_seconds = {}, {}
-    for equalized in (False, True):
+    for key, (equalized, granularity, clip, bits) in ANALYSES.items():
+        if key not in wanted:
+            continue
         started = time.perf_counter()
-        analyses[equalized] = analyze(source, recipe(int(BUDGETS_MB[0] * 1e6), equalized, bits=[4, 8],
-                                                     embeddings="auto"), quiet=True)
-        analysis_seconds[equalized] = time.perf_counter() - started
-        print(f"analysis (equalized: {equalized}): {analysis_seconds[equalized]:.0f} s", flush=True)
-    budgets, variants = (BUDGETS_MB[:1], VARIANTS[1:3]) if args.quick else (BUDGETS_MB, VARIANTS)
+        analyses[key] = analyze(source, recipe(int(BUDGETS_MB[0] * 1e6), equalized, bits=bits, embeddings="auto",
+                                               granularity=granularity, clip=clip), quiet=True)
+        analysis_seconds[key] = time.perf_counter() - started
+        print(f"analysis {key}: {analysis_seconds[key]:.0f} s", flush=True)
     rows = []
-    for budget_mb in budgets:
-        for name, settings, equalized in variants:
+    for budget_mb in BUDGETS_MB[:1] if args.quick else BUDGETS_MB:
+        for name, key, settings, budgets in variants:
+            if budget_mb not in budgets:
+                continue
+            equalized = ANALYSES[key][0]
             plan_recipe = recipe(int(budget_mb * 1e6), equalized, **settings)
-            row = measured_row(name, "lever", source, plan_recipe, analyses[equalized], windows, time.perf_counter())
-            spec = make_plan(plan_recipe, analyses[equalized])["quantization"]
+            row = measured_row(name, "lever", source, plan_recipe, analyses[key], windows, time.perf_counter())
+            spec = make_plan(plan_recipe, analyses[key])["quantization"]
             row.update(budget_mb=budget_mb, embedding_bits=spec["embedding"]["bits"], settings=settings,
-                       equalized=equalized)
+                       analysis=key)
             rows.append(row)
             print(f"{budget_mb} MB | {name}: {row['bytes'] / 1e6:.1f} MB, perplexity {row['perplexity']:.2f} "
-                  f"(embedding {row['embedding_bits']}-bit, {row['seconds']:.0f} s)", flush=True)
+                  f"(embedding {row['embedding_bits']}-bit, {row['widths']}, {row['seconds']:.0f} s)", flush=True)
     meta = {"command": command_line(), "machine": machine(), "windows": n_windows, "seq_len": seq_len,
             "calibration": f"{calibration['samples']} x {calibration['seq_len']} tokens of the embedded text",
-            "analysis_seconds": {"plain": analysis_seconds[False], "equalized": analysis_seconds[True]},
+            "analysis_seconds": analysis_seconds, "analyses": {k: ANALYSES[k] for k in analyses},
             "original": original}
     name = "quantization_levers" + ("-quick" if args.quick else "")
     write_results(name, dict(meta, rows=rows), markdown(rows, original, meta))

@@ -27,9 +27,9 @@ from pydantic import ValidationError
 from compressor.analysis.sharing import sharing_key
 from compressor.errors import CompressorError, shorten
 from compressor.modeling import FactoredLinear
-from compressor.recipe import (CALIBRATED_METHODS, MAX_BYTES, MAX_LAYERS, MAX_RANK, MAX_UNITS, QUANT_BITS, QUANT_METHODS,
-                               SPARSE_METHODS, Calibration, Quantize, Recipe, Removal, describe_validation_error,
-                               sparse_settings_problem)
+from compressor.recipe import (CALIBRATED_METHODS, MAX_BYTES, MAX_LAYERS, MAX_RANK, MAX_UNITS, MAX_WINDOWS, QUANT_BITS,
+                               QUANT_METHODS, SPARSE_METHODS, Calibration, Quantize, Recipe, Removal,
+                               describe_validation_error, sparse_settings_problem)
 from compressor.safe_load import PLAN_MAX_BYTES, read_json
 from compressor.serving import SERVE_TARGETS
 from compressor.transforms.prune import remove_units
@@ -330,6 +330,7 @@ def _validate_quantization(plan: dict, where: str) -> None:
     if method == "signround":
         rounding = need_object(where, "quantization.signround", spec.get("signround"), "an object with steps")
         _need_int(where, "quantization.signround.steps", rounding.get("steps"), 1, 10_000)
+        _need_int(where, "quantization.signround.windows", rounding.get("windows", 1), 1, MAX_WINDOWS)
         if rounding.get("learning_rate") is not None:
             need_number(where, "quantization.signround.learning_rate", rounding["learning_rate"], 0, 1, low_open=True)
     if method in CALIBRATED_METHODS:

@@ -142,9 +142,10 @@ class QuantizeProtect(Strict):
 
 class SignRound(Strict):
     """Learned rounding after GPTQ (method: signround): `steps` signed gradient steps per decoder
-    layer, each on one calibration batch drawn at random (the learning rate, by default 1 / steps,
-    decays linearly to zero)."""
+    layer, each on `windows` calibration windows drawn at random (the learning rate, by default
+    1 / steps, decays linearly to zero)."""
     steps: int = Field(200, ge=1, le=10_000)
+    windows: int = Field(1, ge=1, le=MAX_WINDOWS)
     learning_rate: float | None = Field(None, gt=0, le=1)
 
 

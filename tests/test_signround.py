@@ -109,7 +109,7 @@ def test_a_signround_run_records_its_settings_and_apply_reproduces_it(tiny_model
     assert main(["--recipe", str(recipe), "--model", source, "--out", str(tmp_path / "a"), "--quiet"]) == 0
     plan = json.loads((tmp_path / "a" / "plan.json").read_text())
     spec = plan["quantization"]
-    assert spec["method"] == "signround" and spec["signround"] == {"steps": 8, "learning_rate": None}
+    assert spec["method"] == "signround" and spec["signround"] == {"steps": 8, "windows": 1, "learning_rate": None}
     assert spec["clip"] == "search"
     analysis = json.loads((tmp_path / "a" / "analysis.json").read_text())
     # Sensitivity is measured with GPTQ (one refinement per unit and width would cost that many runs).

@@ -256,7 +256,7 @@ def _refine(model, layer: int, block, hidden, targets, originals: dict, quantize
     rotary = rotary_and_mask(model, hidden[0].shape[1])
     refined, _ = refine_layer(block, rotary, list(hidden), list(targets), originals, quantized, modules,
                               settings.get("steps", default(SignRound, "steps")), settings.get("learning_rate"),
-                              seed=layer)
+                              settings.get("windows", default(SignRound, "windows")), seed=layer)
     for name, module in modules.items():
         set_weight(module, refined[name])
     return refined

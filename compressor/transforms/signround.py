@@ -82,10 +82,11 @@ class _Rounding:
 
 def refine_layer(block, rotary: tuple, inputs, targets: list[torch.Tensor], originals: dict[str, torch.Tensor],
                  quantized: dict[str, QuantizedWeight], modules: dict[str, torch.nn.Linear], steps: int,
-                 learning_rate: float | None = None, seed: int = 0) -> tuple[dict[str, QuantizedWeight], dict]:
+                 learning_rate: float | None = None, windows: int = 1, seed: int = 0) -> tuple[dict[str, QuantizedWeight], dict]:
     """Refines the GPTQ solution `quantized` of this layer's linears (`modules`, holding the GPTQ
     weights; `originals`: their float weights) on calibration batches `inputs` (from the quantized
-    earlier layers) against `targets` (the float layer's outputs on float inputs).
+    earlier layers) against `targets` (the float layer's outputs on float inputs), `windows` rows
+    of one batch drawn at random per step.
     Returns the stored results (GPTQ's own when refinement did not lower the loss) and a record."""
     rate = learning_rate if learning_rate is not None else 1.0 / steps
     roundings = {name: _Rounding(originals[name], quantized[name]) for name in quantized}
@@ -112,10 +113,11 @@ def refine_layer(block, rotary: tuple, inputs, targets: list[torch.Tensor], orig
         params = [p for r in roundings.values() for p in r.parameters()]
         for step in range(steps):
             index = int(torch.randint(len(targets), (1,), generator=generator))
+            rows = torch.randperm(len(targets[index]), generator=generator)[:windows]
             with torch.enable_grad():
                 set_weights({name: r.dequantized() for name, r in roundings.items()})
-                loss = torch.nn.functional.mse_loss(block(inputs[index], cos, sin, mask, None).float(),
-                                                    targets[index].float())
+                loss = torch.nn.functional.mse_loss(block(inputs[index][rows], cos, sin, mask, None).float(),
+                                                    targets[index][rows].float())
                 grads = torch.autograd.grad(loss, params)
             if loss.item() < best_loss:
                 best_loss = loss.item()
