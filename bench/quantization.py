@@ -50,10 +50,13 @@ def file_size(model, quantized) -> int:
         return weights_bytes(Path(tmp))
 
 
-def measured_row(name: str, kind: str, source, recipe, analysis, windows, started: float) -> dict:
+def measured_row(name: str, kind: str, source, recipe, analysis, windows, started: float,
+                 plan_edit: dict | None = None) -> dict:
     """Plans `recipe` on `analysis`, equalizes (when the plan says so) and quantizes a fresh copy of
-    the source, saves it and scores it."""
+    the source, saves it and scores it. `plan_edit` replaces fields of the plan's quantization part
+    (how the planned widths are rounded: clip, method)."""
     plan = make_plan(recipe, analysis)
+    plan["quantization"].update(plan_edit or {})
     run = Run(source.tokenizer, quiet=True)
     model = equalization.apply(copy.deepcopy(source.model), plan, run).model
     quantized = quantization.apply(model, plan, run).codes

@@ -21,7 +21,9 @@ It writes bench/results/quantization_levers.{json,md}.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,27 +37,34 @@ from compressor.recipe import parse_recipe
 from compressor.sources import load_model
 
 BUDGETS_MB = (90.0, 105.5)  # the targets: IQ4_XS (90.9 MB) and Q4_K_M (105.5 MB)
-# The analyses the rows plan on: (equalized, granularity, clip), each measured at every width the
-# rows of that analysis use and for the embedding (embeddings: auto).
+HEADER_ROOM = 50_000  # budget.bytes counts tensors; the file adds its JSON header
+# The analyses the rows plan on: (equalized, granularity, widths), each also measuring the embedding
+# (embeddings: auto).
 ANALYSES = {
-    "plain": (False, "layer", "minmax", [4, 8]),
-    "equalized": (True, "layer", "minmax", [4, 5, 6, 8]),
-    "clip": (True, "layer", "search", [4, 5, 6, 8]),
-    "unit": (True, "unit", "search", [4, 5, 6, 8]),
+    "plain": (False, "layer", [4, 8]),
+    "equalized": (True, "layer", [4, 5, 6, 8]),
+    "unit": (True, "unit", [4, 5, 6, 8]),
 }
 WIDE = [4, 5, 6, 8]
-# (row label, analysis, quantize settings, budgets): each row adds one lever to the row before it.
+ALL = {"bits": WIDE, "embeddings": "auto", "granularity": "unit"}
+SIGNROUND = {"steps": 25, "windows": 1}
+# (row label, analysis, quantize settings, what the row changes in the plan after planning, budgets).
+# Each row adds one lever to the row before it. `clip` and `signround` change how the planned widths
+# are rounded, not the widths: they edit the plan (the sensitivity they would be planned on is GPTQ's
+# with min-max ranges).
 VARIANTS = (
-    ("baseline: GPTQ 4/8 by sensitivity, embedding 8-bit", "plain", {"bits": [4, 8], "embeddings": 8}, BUDGETS_MB),
-    ("+ embedding in the allocation (embeddings: auto)", "plain", {"bits": [4, 8], "embeddings": "auto"}, (90.0,)),
-    ("+ equalization (AWQ), embedding 8-bit", "equalized", {"bits": [4, 8], "embeddings": 8}, BUDGETS_MB),
-    ("+ 5- and 6-bit widths", "equalized", {"bits": WIDE, "embeddings": 8}, BUDGETS_MB),
-    ("+ clip: search", "clip", {"bits": WIDE, "embeddings": 8, "clip": "search"}, BUDGETS_MB),
-    ("+ embeddings: auto", "clip", {"bits": WIDE, "embeddings": "auto", "clip": "search"}, BUDGETS_MB),
-    ("+ granularity: unit", "unit", {"bits": WIDE, "embeddings": "auto", "clip": "search", "granularity": "unit"},
+    ("baseline: GPTQ 4/8 by sensitivity, embedding 8-bit", "plain", {"bits": [4, 8], "embeddings": 8}, {},
      BUDGETS_MB),
-    ("+ method: signround (200 steps)", "unit", {"bits": WIDE, "embeddings": "auto", "clip": "search",
-                                                "granularity": "unit", "method": "signround"}, BUDGETS_MB),
+    ("+ embedding in the allocation (embeddings: auto)", "plain", {"bits": [4, 8], "embeddings": "auto"}, {},
+     (90.0,)),
+    ("+ equalization (AWQ), embedding 8-bit (quantize-only before this stop)", "equalized",
+     {"bits": [4, 8], "embeddings": 8}, {}, BUDGETS_MB),
+    ("+ 5- and 6-bit widths", "equalized", {"bits": WIDE, "embeddings": 8}, {}, (90.0,)),
+    ("+ embeddings: auto", "equalized", {"bits": WIDE, "embeddings": "auto"}, {}, (90.0,)),
+    ("+ granularity: unit", "unit", ALL, {}, BUDGETS_MB),
+    ("+ clip: search (same widths)", "unit", ALL, {"clip": "search"}, BUDGETS_MB),
+    (f"+ method: signround ({SIGNROUND['steps']} steps, same widths)", "unit", ALL,
+     {"clip": "search", "method": "signround", "signround": dict(SIGNROUND, learning_rate=None)}, (90.0,)),
 )
 
 
@@ -68,7 +77,7 @@ def quantize_settings(calibration_quick: bool, **overrides) -> dict:
 
 
 def markdown(rows: list[dict], original: dict, meta: dict) -> str:
-    minutes = ", ".join(f"{key} {seconds / 60:.1f}" for key, seconds in meta["analysis_seconds"].items())
+    minutes = ", ".join(f"{key} {seconds / 60:.1f}" for key, seconds in meta["analysis_seconds"].items()) or "read"
     lines = ["# Quantization levers at equal bytes", "",
              f"Embedded model (SmolLM2-135M-Instruct), WikiText-2 test, first {meta['windows']} windows x "
              f"{meta['seq_len']} tokens (every next-token position); calibration {meta['calibration']} "
@@ -77,7 +86,8 @@ def markdown(rows: list[dict], original: dict, meta: dict) -> str:
              f"budget. Machine: {meta['machine']['cpu']}, {meta['machine']['torch_threads']} threads. "
              f"Command: `{meta['command']}`.", "",
              f"Analyses (minutes on 2 cores, shared by the rows that plan on them): {minutes}. `equalized` "
-             "includes the equalization search; `clip` and `unit` are equalized too.", "",
+             "includes the equalization search; `unit` is equalized too. Analyses read from an earlier run "
+             "(`--analyses`) have no minutes here.", "",
              f"Original fp32: {original['bytes'] / 1e6:.1f} MB, perplexity {original['perplexity']:.2f}.", "",
              "| budget MB | variant | size MB | perplexity | vs row above | vs baseline | embedding bits | "
              "widths (units) | minutes |",
@@ -101,6 +111,8 @@ def markdown(rows: list[dict], original: dict, meta: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings to smoke-test the script")
+    parser.add_argument("--analyses", type=Path, default=None,
+                        help="folder keeping each analysis as KEY.json: read when present, written when measured")
     args = parser.parse_args()
     quiet_transformers()
     torch.manual_seed(0)
@@ -114,36 +126,45 @@ def main() -> None:
     def recipe(budget_bytes: int, equalized: bool, **quantize):
         data = {"name": "levers", "calibration": calibration,
                 "quantize": quantize_settings(args.quick, budget={"bytes": budget_bytes}, **quantize)}
-        if quantize.get("method") == "signround" and args.quick:
-            data["quantize"]["signround"] = {"steps": 4}
         if equalized:
             data["equalize"] = {"samples": 2, "tokens": 256, "grid": 5} if args.quick else {}
         return parse_recipe(data)
 
     variants = [VARIANTS[0], VARIANTS[2], VARIANTS[-1]] if args.quick else VARIANTS
-    wanted = {key for _, key, _, _ in variants}
+    wanted = {key for _, key, _, _, _ in variants}
     analyses, analysis_seconds = {}, {}
-    for key, (equalized, granularity, clip, bits) in ANALYSES.items():
+    for key, (equalized, granularity, bits) in ANALYSES.items():
         if key not in wanted:
+            continue
+        cached = args.analyses / f"{key}.json" if args.analyses else None
+        if cached is not None and cached.is_file():
+            analyses[key] = json.loads(cached.read_text())
+            print(f"analysis {key}: read from {cached}", flush=True)
             continue
         started = time.perf_counter()
         analyses[key] = analyze(source, recipe(int(BUDGETS_MB[0] * 1e6), equalized, bits=bits, embeddings="auto",
-                                               granularity=granularity, clip=clip), quiet=True)
+                                               granularity=granularity), quiet=True)
         analysis_seconds[key] = time.perf_counter() - started
         print(f"analysis {key}: {analysis_seconds[key]:.0f} s", flush=True)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(analyses[key]))
     rows = []
     for budget_mb in BUDGETS_MB[:1] if args.quick else BUDGETS_MB:
-        for name, key, settings, budgets in variants:
+        for name, key, settings, plan_edit, budgets in variants:
             if budget_mb not in budgets:
                 continue
             equalized = ANALYSES[key][0]
-            plan_recipe = recipe(int(budget_mb * 1e6), equalized, **settings)
-            row = measured_row(name, "lever", source, plan_recipe, analyses[key], windows, time.perf_counter())
+            plan_recipe = recipe(int(budget_mb * 1e6) - HEADER_ROOM, equalized, **settings)
+            edit = dict(plan_edit, signround={"steps": 2, "windows": 1, "learning_rate": None}) \
+                if args.quick and "signround" in plan_edit else plan_edit
+            row = measured_row(name, "lever", source, plan_recipe, analyses[key], windows, time.perf_counter(),
+                               plan_edit=edit)
             spec = make_plan(plan_recipe, analyses[key])["quantization"]
             row.update(budget_mb=budget_mb, embedding_bits=spec["embedding"]["bits"], settings=settings,
-                       analysis=key)
+                       plan_edit=plan_edit, analysis=key)
             rows.append(row)
-            print(f"{budget_mb} MB | {name}: {row['bytes'] / 1e6:.1f} MB, perplexity {row['perplexity']:.2f} "
+            print(f"{budget_mb} MB | {name}: {row['bytes'] / 1e6:.2f} MB, perplexity {row['perplexity']:.2f} "
                   f"(embedding {row['embedding_bits']}-bit, {row['widths']}, {row['seconds']:.0f} s)", flush=True)
     meta = {"command": command_line(), "machine": machine(), "windows": n_windows, "seq_len": seq_len,
             "calibration": f"{calibration['samples']} x {calibration['seq_len']} tokens of the embedded text",

@@ -175,7 +175,7 @@ class Quantize(Strict):
     hessian_tokens: Literal["equal", "raw"] = "equal"
     # Each group's range: `minmax` (the whole range of its weights) or `search` (the range shrunk by
     # up to 20 %, per group, to the least squared rounding error weighted by the Hessian diagonal;
-    # compressor.transforms.quantize.group_parameters).
+    # compressor.transforms.quantize.group_parameters). The sensitivity is measured with min-max.
     clip: Literal["minmax", "search"] = "minmax"
     signround: SignRound = SignRound()
     # Sensitivity: KL divergence of the final next-token distributions with one allocation unit

@@ -5,6 +5,9 @@ Sensitivity of a unit at a width: the KL divergence KL(original || quantized) of
 next-token distributions, with only that unit quantized (by the recipe's own method: GPTQ with
 Hessians from the unquantized model, or round-to-nearest) and every other weight exact. Layers
 are visited one at a time; a unit in layer l reruns only layers l..L-1 from cached inputs.
+Sensitivity is measured with min-max group ranges and, for `method: signround`, with GPTQ: it
+ranks widths; `clip: search` and the refinement only change how the chosen widths are rounded, so a
+plan of either reuses an analysis measured without them.
 For `embeddings: auto`, the token embedding is measured the same way (round-to-nearest, as it is
 quantized; a tied output head reads the same table), rerunning the whole model.
 """
@@ -36,8 +39,6 @@ def sensitivity_key(quantize) -> dict:
            "hessian_tokens": quantize.hessian_tokens}
     if quantize.scales == "positive":  # absent for signed scales: earlier analyses still match
         key["scales"] = "positive"
-    if quantize.clip != "minmax":  # likewise
-        key["clip"] = quantize.clip
     return key
 
 
@@ -83,7 +84,7 @@ def quantization_sensitivity(model, quantize, calibration: torch.Tensor, batch_s
                     for bits in quantize.bits:
                         formats = {name: recipe_format(quantize, bits) for name in unit["linears"]}
                         quantize_layer_linears(model, layer, formats, method, hessians, {}, quantize.damp,
-                                               quantize.act_order, quantize.clip)
+                                               quantize.act_order)
                         scores[unit["key"]][str(bits)] = scorer.divergence(start_layer=layer)
                         _restore(model, layer, originals)
             if hidden is not None:
@@ -99,7 +100,7 @@ def embedding_sensitivity(model, quantize, scorer: Scorer) -> dict[str, float]:
     costs = {}
     try:
         for bits in quantize.bits:
-            quantize_embedding(model, recipe_format(quantize, bits), quantize.clip)
+            quantize_embedding(model, recipe_format(quantize, bits))
             costs[str(bits)] = scorer.divergence(start_layer=0)
             embedding.weight = original
     finally:

@@ -8,11 +8,13 @@ to either of the two codes nearest its GPTQ position, alpha in ALPHA_RANGE (one 
 or widens the group's range. Both are learned by signed gradient descent (each step moves every parameter by the
 learning rate times the sign of its gradient, the rate decaying linearly to zero; round passes its
 gradient straight through) so that the layer's output on the inputs the quantized earlier layers
-give matches the full-precision layer's output on full-precision inputs (mean squared error).
+give matches the full-precision layer's output on full-precision inputs (squared error, each
+token's relative to its target's mean square: token_loss).
 
-V starts at 0 and alpha at 1, so step 0 is exactly the GPTQ solution. The parameters with the
-least step loss are kept, and they replace GPTQ's only if their loss over all calibration batches is
-lower: the refinement never leaves a layer worse than GPTQ on the calibration data.
+V starts at 0 and alpha at 1, so step 0 is exactly the GPTQ solution. The parameters after the
+last step replace GPTQ's only if their loss over all calibration windows is lower: the refinement
+never leaves a layer worse than GPTQ on the calibration data. (AutoRound keeps the parameters of
+the least step loss; with one window a step that picks the easiest window, not the best rounding.)
 """
 
 from __future__ import annotations
@@ -80,6 +82,15 @@ class _Rounding:
         return QuantizedWeight(codes.to(torch.int8), scale, q.zero_point, q.fmt, q.exact_index, q.exact_value)
 
 
+def token_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of each token's squared error relative to its target's mean square. Plain
+    MSE of the residual stream is dominated by the few tokens carrying massive activations
+    (norms hundreds of times the median), as GPTQ's raw Hessian is (see hessian_tokens)."""
+    target = target.float()
+    scale = target.pow(2).mean(-1, keepdim=True).clamp(min=1e-12)
+    return ((output.float() - target).pow(2) / scale).mean()
+
+
 def refine_layer(block, rotary: tuple, inputs, targets: list[torch.Tensor], originals: dict[str, torch.Tensor],
                  quantized: dict[str, QuantizedWeight], modules: dict[str, torch.nn.Linear], steps: int,
                  learning_rate: float | None = None, windows: int = 1, seed: int = 0) -> tuple[dict[str, QuantizedWeight], dict]:
@@ -101,27 +112,21 @@ def refine_layer(block, rotary: tuple, inputs, targets: list[torch.Tensor], orig
     def total_loss() -> float:
         with torch.no_grad():
             set_weights({name: r.dequantized() for name, r in roundings.items()})
-            losses = [torch.nn.functional.mse_loss(block(h, cos, sin, mask, None).float(), t.float()).item()
-                      for h, t in zip(inputs, targets)]
+            losses = [token_loss(block(h, cos, sin, mask, None), t).item() for h, t in zip(inputs, targets)]
         return sum(losses) / len(losses)
 
     generator = torch.Generator().manual_seed(seed)
     saved = {name: module.weight for name, module in modules.items() if name in roundings}
     try:
         start_loss = total_loss()
-        best_loss, best = float("inf"), None
         params = [p for r in roundings.values() for p in r.parameters()]
         for step in range(steps):
             index = int(torch.randint(len(targets), (1,), generator=generator))
             rows = torch.randperm(len(targets[index]), generator=generator)[:windows]
             with torch.enable_grad():
                 set_weights({name: r.dequantized() for name, r in roundings.items()})
-                loss = torch.nn.functional.mse_loss(block(inputs[index][rows], cos, sin, mask, None).float(),
-                                                    targets[index][rows].float())
+                loss = token_loss(block(inputs[index][rows], cos, sin, mask, None), targets[index][rows])
                 grads = torch.autograd.grad(loss, params)
-            if loss.item() < best_loss:
-                best_loss = loss.item()
-                best = [p.detach().clone() for p in params]
             step_rate = rate * (1.0 - step / steps)
             with torch.no_grad():
                 for p, g in zip(params, grads):
@@ -129,9 +134,6 @@ def refine_layer(block, rotary: tuple, inputs, targets: list[torch.Tensor], orig
                 for r in roundings.values():
                     r.offset.clamp_(-0.5, 0.5)
                     r.alpha.clamp_(*ALPHA_RANGE)
-        with torch.no_grad():
-            for p, kept in zip(params, best):
-                p.copy_(kept)
         end_loss = total_loss()
     finally:
         for name, module in modules.items():
