@@ -8,7 +8,10 @@ windows x 512 tokens; calibration is the embedded text, never the evaluation tex
 - mixed allocations by `uniform`, `lim`, `zd` and `sensitivity` at 3.0, 3.5 and 4.0 average bits
   (widths 2/3/4/8, symmetric, group 64, embedding 8-bit);
 - the recipes balanced, quantize-only and small through the whole `compress` pipeline;
-- the peers: the model exported to ONNX, ONNX Runtime's dynamic int8 and MatMulNBits int4.
+- the peers: the model exported to ONNX, ONNX Runtime's dynamic int8 and MatMulNBits int4; and
+  llama.cpp's Q8_0, Q4_K_M, Q4_0, Q3_K_M, Q2_K and IQ4_XS files of the same float model (built,
+  converted and quantized by bench.llamacpp, the importance matrix from the embedded text), scored
+  through its Python bindings' logits on the same windows and positions (group `llamacpp`).
 It writes bench/results/quantization.{json,md} and quantization.png (size vs perplexity).
 
     python -m bench.quantization           # the full run
@@ -39,7 +42,8 @@ from compressor.stages.run import Run
 from exporters.safetensors import write_model
 from exporters.shards import weights_bytes
 
-RECIPES = ("balanced", "quantize-only", "small")
+RECIPES = ("balanced", "quantize-only", "quantize-quality", "small")
+GROUPS = ("uniform", "mixed", "recipes", "peers", "llamacpp")
 ALLOCATORS = ("uniform", "lim", "zd", "sensitivity")
 AVERAGE_BITS = (3.0, 3.5, 4.0)
 
@@ -88,6 +92,27 @@ def recipe_row(name: str, quick: bool, evaluation: dict, workdir: Path) -> dict:
             "perplexity": report["compressed"]["perplexity"], "seconds": time.perf_counter() - started,
             "avg_bits": ((plan.get("quantization") or {}).get("budget") or {}).get("avg_bits"),
             "removed_units": len((plan.get("removal") or {}).get("removed", []))}
+
+
+def llamacpp_rows(windows: torch.Tensor) -> list[dict]:
+    """llama.cpp's files of the embedded model's float weights (bench.llamacpp: built and converted
+    once, cached), each scored on `windows` through the bindings' logits."""
+    from bench import llamacpp
+    from compressor.data import embedded_text
+    from compressor.sources import _embedded_cache
+
+    tools = llamacpp.build_tools()
+    work = Path(tools["cache"]) / "models" / _embedded_cache().name
+    f32 = llamacpp.convert(llamacpp.float_folder(work / "hf"), work / "f32.gguf", tools)
+    matrix = llamacpp.imatrix(f32, embedded_text(), work / "imatrix.gguf", tools)
+    rows = []
+    for qtype, with_imatrix in llamacpp.QUANT_TYPES.items():
+        started = time.perf_counter()
+        gguf = llamacpp.quantize(f32, qtype, work / f"{qtype}.gguf", matrix if with_imatrix else None, tools)
+        rows.append({"name": f"llama.cpp {qtype}{' (imatrix)' if with_imatrix else ''}", "kind": "peer",
+                     "bytes": llamacpp.file_bytes(gguf), "perplexity": llamacpp.score(gguf, windows),
+                     "seconds": time.perf_counter() - started})
+    return rows
 
 
 def markdown(rows: list[dict], original: dict, checks: dict, meta: dict) -> str:
@@ -181,7 +206,7 @@ def evaluation_setup(quick: bool, script: str) -> tuple[str, int, int, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings to smoke-test the script")
-    parser.add_argument("--only", default="uniform,mixed,recipes,peers",
+    parser.add_argument("--only", default=",".join(GROUPS),
                         help="comma-separated row groups to measure (default: all); a partial run writes "
                              "quantization-GROUPS.json")
     args = parser.parse_args()
@@ -251,11 +276,15 @@ def main() -> None:
                 row["seconds"] = row.get("quantize_seconds", 0) + row.get("eval_seconds", 0)
                 add(row)
 
+    if "llamacpp" in groups and not args.quick:
+        for row in llamacpp_rows(windows):
+            add(row)
+
     checks = check_figures(rows, original)
     meta = {"command": command_line(), "machine": machine(), "windows": n_windows, "seq_len": seq_len,
             "calibration": f"{calibration['samples']} x {calibration['seq_len']} tokens of the embedded text",
             "analysis_seconds": analysis_seconds}
-    name = "quantization" + ("" if groups >= {"uniform", "mixed", "recipes", "peers"} else
+    name = "quantization" + ("" if groups >= set(GROUPS) else
                              "-" + "-".join(sorted(groups))) + ("-quick" if args.quick else "")
     write_results(name, dict(meta, rows=rows, checks=checks), markdown(rows, original, checks, meta))
     plot(rows, RESULTS / f"{name}.png")

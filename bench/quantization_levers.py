@@ -14,7 +14,7 @@ every allocation unit at its widths, and of the embedding), quantizes a fresh co
 - `method: signround`: learned rounding (signed gradient steps per layer) on top of GPTQ.
 It writes bench/results/quantization_levers.{json,md}.
 
-    python -m bench.quantization_levers            # the full run (about 80 minutes on 2 cores)
+    python -m bench.quantization_levers            # the full run (about 60 minutes on 2 cores)
     python -m bench.quantization_levers --quick    # tiny settings, to check the script itself
 """
 
@@ -42,28 +42,30 @@ HEADER_ROOM = 50_000  # budget.bytes counts tensors; the file adds its JSON head
 # (embeddings: auto).
 ANALYSES = {
     "plain": (False, "layer", [4, 8]),
-    "equalized": (True, "layer", [4, 5, 6, 8]),
     "unit": (True, "unit", [4, 5, 6, 8]),
 }
 WIDE = [4, 5, 6, 8]
-ALL = {"bits": WIDE, "embeddings": "auto", "granularity": "unit"}
+UNIT = {"granularity": "unit"}
 SIGNROUND = {"steps": 25, "windows": 1}
 # (row label, analysis, quantize settings, what the row changes in the plan after planning, budgets).
-# Each row adds one lever to the row before it. `clip` and `signround` change how the planned widths
-# are rounded, not the widths: they edit the plan (the sensitivity they would be planned on is GPTQ's
-# with min-max ranges).
+# Each row adds one lever to the row before it, except the third, which adds two (equalization and
+# unit granularity: an analysis for each alone costs another 10-15 minutes; equalization alone was
+# -1.15 at 90 MB in the previous run of this bench, with quantize-only's earlier settings). `clip` and
+# `signround` change how the planned widths are rounded, not the widths: they edit the plan (their
+# sensitivity would be GPTQ's with min-max ranges, the one planned on).
 VARIANTS = (
-    ("baseline: GPTQ 4/8 by sensitivity, embedding 8-bit", "plain", {"bits": [4, 8], "embeddings": 8}, {},
-     BUDGETS_MB),
+    ("baseline: GPTQ 4/8 by sensitivity per layer, embedding 8-bit", "plain", {"bits": [4, 8], "embeddings": 8},
+     {}, BUDGETS_MB),
     ("+ embedding in the allocation (embeddings: auto)", "plain", {"bits": [4, 8], "embeddings": "auto"}, {},
      (90.0,)),
-    ("+ equalization (AWQ), embedding 8-bit (quantize-only before this stop)", "equalized",
-     {"bits": [4, 8], "embeddings": 8}, {}, BUDGETS_MB),
-    ("+ 5- and 6-bit widths", "equalized", {"bits": WIDE, "embeddings": 8}, {}, (90.0,)),
-    ("+ embeddings: auto", "equalized", {"bits": WIDE, "embeddings": "auto"}, {}, (90.0,)),
-    ("+ granularity: unit", "unit", ALL, {}, BUDGETS_MB),
-    ("+ clip: search (same widths)", "unit", ALL, {"clip": "search"}, BUDGETS_MB),
-    (f"+ method: signround ({SIGNROUND['steps']} steps, same widths)", "unit", ALL,
+    ("+ equalization (AWQ) and granularity: unit, embedding 8-bit", "unit", dict(UNIT, bits=[4, 8], embeddings=8),
+     {}, BUDGETS_MB),
+    ("+ 5- and 6-bit widths", "unit", dict(UNIT, bits=WIDE, embeddings=8), {}, BUDGETS_MB),
+    ("+ embeddings: auto", "unit", dict(UNIT, bits=WIDE, embeddings="auto"), {}, BUDGETS_MB),
+    ("+ clip: search (same widths)", "unit", dict(UNIT, bits=WIDE, embeddings="auto"), {"clip": "search"},
+     BUDGETS_MB),
+    (f"+ method: signround ({SIGNROUND['steps']} steps a layer, same widths)", "unit",
+     dict(UNIT, bits=WIDE, embeddings="auto"),
      {"clip": "search", "method": "signround", "signround": dict(SIGNROUND, learning_rate=None)}, (90.0,)),
 )
 
@@ -85,8 +87,8 @@ def markdown(rows: list[dict], original: dict, meta: dict) -> str:
              f"`budget.bytes` (the whole model.safetensors). Each row adds one lever to the row above it at its "
              f"budget. Machine: {meta['machine']['cpu']}, {meta['machine']['torch_threads']} threads. "
              f"Command: `{meta['command']}`.", "",
-             f"Analyses (minutes on 2 cores, shared by the rows that plan on them): {minutes}. `equalized` "
-             "includes the equalization search; `unit` is equalized too. Analyses read from an earlier run "
+             f"Analyses (minutes on 2 cores, shared by the rows that plan on them): {minutes}. `unit` "
+             "includes the equalization search. Analyses read from an earlier run "
              "(`--analyses`) have no minutes here.", "",
              f"Original fp32: {original['bytes'] / 1e6:.1f} MB, perplexity {original['perplexity']:.2f}.", "",
              "| budget MB | variant | size MB | perplexity | vs row above | vs baseline | embedding bits | "
