@@ -400,6 +400,21 @@ def bits_per_weight(gguf: Path, parameters: int) -> float:
     return 8 * file_bytes(gguf) / parameters
 
 
+def weight_types(gguf: Path) -> dict[str, float]:
+    """Share of the file's weights (2-D tensors, by element) in each ggml type, largest first. A
+    type name alone says little here: llama.cpp falls back to another type for a tensor whose rows
+    are not a multiple of its 256-wide super-block (this model's width is 576), and keeps the tied
+    embedding in Q8_0 or finer, so "Q2_K" is mostly Q4_0."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for tensor in GGUFReader(str(gguf)).tensors:
+        if len(tensor.shape) >= 2:
+            counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + int(tensor.n_elements)
+    total = sum(counts.values())
+    return {name: n / total for name, n in sorted(counts.items(), key=lambda item: -item[1])}
+
+
 # ------------------------------------------------------------------------------- measuring
 
 
@@ -547,7 +562,8 @@ def wait_for_quiet(limit: float, threshold: float = QUIET_CORES, probe: float = 
 def measure_quality(name: str, gguf: Path, windows: torch.Tensor, parameters: int, with_imatrix: bool) -> dict:
     log(f"{name}: perplexity on {len(windows)} windows")
     row = {"type": name, "imatrix": with_imatrix, "bytes": file_bytes(gguf),
-           "bits_per_weight": bits_per_weight(gguf, parameters), "perplexity": score(gguf, windows)}
+           "bits_per_weight": bits_per_weight(gguf, parameters), "weight_types": weight_types(gguf),
+           "perplexity": score(gguf, windows)}
     log(f"{name}: perplexity {row['perplexity']:.3f}")
     return row
 
@@ -578,16 +594,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['speed']['prompt']} tokens "
              f"and {meta['speed']['new']} greedy decode steps, median of {meta['speed']['repeats']}; llama-bench "
              f"(-t {THREADS} -p {meta['speed']['prompt']} -n {meta['speed']['new']}) beside it. "
-             f"Machine: {meta['machine']['cpu']}. Command: `{meta['command']}`.", "",
+             "Weights by type: the share of the 2-D weights in each ggml type; this model's rows of 576 are not "
+             "a multiple of the K-quants' 256-wide blocks, so llama.cpp stores most of them in another type, and "
+             f"the tied embedding stays Q8_0. Machine: {meta['machine']['cpu']}. Command: `{meta['command']}`.", "",
              "| type | imatrix | size MB | bits/weight | perplexity | decode tok/s | prefill tok/s "
-             "| llama-bench decode tok/s | llama-bench prefill tok/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| llama-bench decode tok/s | llama-bench prefill tok/s | weights by type |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         bench = row.get("llama_bench") or {}
         cross = " | ".join(f"{bench[k]:.1f}" if k in bench else "-" for k in ("decode_tok_s", "prefill_tok_s"))
         lines.append(f"| {row['type']} | {'yes' if row['imatrix'] else 'no'} | {row['bytes'] / 1e6:.1f} | "
                      f"{row['bits_per_weight']:.2f} | {row['perplexity']:.2f} | {row['speed']['decode_tok_s']:.1f} | "
-                     f"{row['speed']['prefill_tok_s']:.1f} | {cross} |")
+                     f"{row['speed']['prefill_tok_s']:.1f} | {cross} | "
+                     f"{', '.join(f'{t} {share:.0%}' for t, share in row['weight_types'].items())} |")
     lines += ["", "## Checks", ""] + [f"- {k}: {v}" for k, v in meta["checks"].items()] + [""]
     return "\n".join(lines)
 
