@@ -233,7 +233,8 @@ def quantize_model(model, formats: dict[str, QuantFormat], method: str = "gptq",
             else:
                 # The float layer's outputs on float inputs, before its weights are quantized.
                 targets = run_block(model, block, reference) if reference is not None else None
-                originals = {name: module.weight.data for name, module in layer_linears(model, layer)}
+                originals = ({name: module.weight.data for name, module in layer_linears(model, layer)}
+                             if targets is not None else None)
                 for names in sequential_steps(wanted):
                     hessians = accumulate_hessians(model, layer, hidden, names, token_weighting)
                     step_formats = {name: formats[name] for name in names}
