@@ -7,7 +7,7 @@
     compress eval DIR [--recipe R] [--no-original]
     compress report DIR [DIR ...]
     compress select DIR (--prompt TEXT | --prompt-file FILE) [--chat] [--positions]
-    compress export onnx DIR [--tolerance T]
+    compress export onnx DIR [--tolerance T] [--matmul-accuracy fp32|int8]
     compress export tensorrt DIR [--library auto|tensorrt|tensorrt-rtx] [--token-selection auto|plugin|inlined] [--precision float16|bfloat16|float32] [--batch MIN,OPT,MAX] [--sequence ...] [--past ...]
     compress verify DIR [--update]
 """
@@ -111,6 +111,9 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("folder", help="the artifact folder")
         p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                        help=f"largest |logit difference| from the torch model allowed at export (default {DEFAULT_TOLERANCE:g})")
+        p.add_argument("--matmul-accuracy", default=default(Recipe, "onnx").matmul_accuracy, choices=["fp32", "int8"],
+                       help="onnx: the compute recorded for ONNX Runtime's fused quantized MatMul: fp32 (the torch "
+                       "model's logits; default) or int8 (activations quantized on the fly: faster, logits not equal)")
         trt = default(Recipe, "tensorrt")
         p.add_argument("--library", default=trt.library, help="tensorrt: auto (full TensorRT when installed), "
                        "tensorrt or tensorrt-rtx")
@@ -227,7 +230,8 @@ def run(argv: list[str]) -> int:
                 "library": args.library, "token_selection": args.token_selection,
                 "precision": args.precision, **{axis: _triple(getattr(args, axis), axis) for axis in ("batch", "sequence", "past")}}},
                 "compress export tensorrt").tensorrt
-        out = pipeline.export_artifact(Path(args.folder), args.format, args.tolerance, log, settings)
+        out = pipeline.export_artifact(Path(args.folder), args.format, args.tolerance, log, settings,
+                                       args.matmul_accuracy)
         print(f"{args.format} export: {out}")
     elif command == "verify":
         quiet_transformers()

@@ -249,7 +249,7 @@ def compress(recipe: Recipe | str | Path, model: str | None = None, out: str | P
         if {"onnx", "tensorrt"} & set(recipe.export):
             from exporters.onnx.export import export_artifact as export_onnx  # optional dependency
 
-            export_onnx(staging, log=log, name=out)
+            export_onnx(staging, log=log, name=out, matmul_accuracy=recipe.onnx.matmul_accuracy)
         if "tensorrt" in recipe.export:
             from exporters.tensorrt.export import export_artifact as export_tensorrt  # optional dependency (onnx)
 
@@ -372,9 +372,11 @@ def apply_plan_to_source(plan: dict, source: str, out: str | Path, force: bool, 
     return Path(os.path.abspath(out))
 
 
-def export_artifact(folder: Path, fmt: str, tolerance: float | None = None, log=print, tensorrt=None) -> Path:
+def export_artifact(folder: Path, fmt: str, tolerance: float | None = None, log=print, tensorrt=None,
+                    matmul_accuracy: str = "fp32") -> Path:
     """Writes an export of an existing artifact folder (inside it); returns the export's folder.
-    `tensorrt` (a recipe's TensorRT section) sets the engines' library, token selection, precision and profiles."""
+    `tensorrt` (a recipe's TensorRT section) sets the engines' library, token selection, precision and profiles;
+    `matmul_accuracy` is the ONNX export's recorded compute (recipe.OnnxExport)."""
     if fmt not in ("onnx", "tensorrt"):
         raise CompressorError(f"export format {fmt!r} is not supported; allowed: onnx, tensorrt")
     require()
@@ -393,7 +395,8 @@ def export_artifact(folder: Path, fmt: str, tolerance: float | None = None, log=
 
     with updating_in_place(folder) as folder:
         verify_manifest(folder, skip=("onnx/", "tensorrt/"))  # an export of damaged weights would inherit the damage
-        return export_onnx(folder, DEFAULT_TOLERANCE if tolerance is None else tolerance, log=log)
+        return export_onnx(folder, DEFAULT_TOLERANCE if tolerance is None else tolerance, log=log,
+                           matmul_accuracy=matmul_accuracy)
 
 
 def evaluate_artifact(folder: Path, recipe_path: str | None, with_original: bool, quiet: bool = False,

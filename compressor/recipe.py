@@ -362,6 +362,15 @@ class TensorRT(Strict):
         return value
 
 
+class OnnxExport(Strict):
+    """How `export: [onnx]` records the graphs' compute (exporters.onnx.export): `matmul_accuracy` is what
+    the toolkit's ONNX Runtime loader computes fused DequantizeLinear -> MatMul (MatMulNBits) in when
+    its caller names none. `fp32` gives the torch model's logits (within the export tolerance); `int8`
+    quantizes activations on the fly, as ONNX Runtime itself does by default for this fusion and as
+    llama.cpp's dot products do: about twice as fast to decode on a CPU, logits not equal."""
+    matmul_accuracy: Literal["fp32", "int8"] = "fp32"
+
+
 class Recipe(Strict):
     # The default output folder is out/NAME. A recipe read from a file or the command line must have
     # a NAME_RULE name: 1 to 100 of letters, digits, '.', '_', '-', starting with a letter or digit
@@ -380,6 +389,7 @@ class Recipe(Strict):
     # model.safetensors is always written (every other format is exported from it); "onnx" adds onnx/,
     # "tensorrt" adds tensorrt/ (its engines are built from the ONNX graphs, so onnx/ is written too).
     export: list[Literal["safetensors", "onnx", "tensorrt"]] = Field(["safetensors"], max_length=MAX_LIST)
+    onnx: OnnxExport = OnnxExport()
     tensorrt: TensorRT = TensorRT()
     # Weights above this many bytes are written as shards model-0000k-of-0000n.safetensors with
     # model.safetensors.index.json (exporters.shards); the default is the hub's customary 5 GB.

@@ -404,6 +404,38 @@ def test_cli_export_and_its_errors(artifacts, tmp_path, capsys):
         cli_main(["export", "gguf", str(folder)])  # not a format
 
 
+def test_recorded_int8_compute_is_the_loaders_default(artifacts, tokenizer, tmp_path, capsys):
+    """`--matmul-accuracy int8` (a recipe's onnx.matmul_accuracy) is written in the manifest and is what
+    the loader computes in when its caller names none; the graphs are still validated in fp32."""
+    import shutil
+
+    folder = _copy(artifacts("wide"), tmp_path / "int8")
+    shutil.rmtree(folder / "onnx")
+    assert cli_main(["export", "onnx", str(folder), "--quiet", "--matmul-accuracy", "int8"]) == 0
+    manifest = json.loads((folder / "onnx" / "export.json").read_text())
+    assert manifest["matmul_accuracy"] == "int8"
+    assert max(v for k, v in manifest["validation"].items() if k.endswith("_logits")) < 1e-4  # fp32 check
+    ids = prompts(tokenizer, 1, 40)[0].numpy()
+    recorded = OnnxDecoder(folder / "onnx", threads=1)
+    assert recorded.matmul_accuracy == "int8"
+    int8 = OnnxDecoder(folder / "onnx", threads=1, matmul_accuracy="int8").logits(ids)
+    fp32 = OnnxDecoder(folder / "onnx", threads=1, matmul_accuracy="fp32").logits(ids)
+    assert np.array_equal(recorded.logits(ids), int8)
+    with torch.no_grad():
+        reference = compressor.load(folder).model(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(fp32 - reference).max() < 1e-4
+    # int8 activations move the logits, by about what the export reported for its probe.
+    difference = np.abs(int8 - reference).max()
+    assert 1e-4 < difference < 20 * manifest["validation"]["int8"]["prompt_logits"]
+    assert compressor.load(folder, backend="onnxruntime").onnx.matmul_accuracy == "int8"
+    assert OnnxDecoder(artifacts("wide") / "onnx").matmul_accuracy == "fp32"  # nothing recorded: fp32
+    with pytest.raises(SystemExit):
+        cli_main(["export", "onnx", str(folder), "--matmul-accuracy", "int4"])
+    capsys.readouterr()
+    with pytest.raises(CompressorError, match="matmul_accuracy"):
+        parse_recipe({"name": "x", "onnx": {"matmul_accuracy": "int4"}})
+
+
 def test_recipe_export_list_is_validated():
     with pytest.raises(CompressorError, match="export"):
         parse_recipe({"name": "x", "export": ["tflite"]})

@@ -32,7 +32,7 @@ from compressor.transforms.sparse_tokens import (SparseTokenSettings, check_sett
 from exporters.onnx import DEFAULT_TOLERANCE, token_filter
 from exporters.onnx.files import DECODER_FILE, MANIFEST_FILE, ONNX_DIR, SPARSE_FILE, WEIGHTS_FILE
 from exporters.onnx.graph_module import DecoderGraph, SparsePrefillGraph, kv_names
-from exporters.onnx.loader import OnnxDecoder
+from exporters.onnx.loader import MATMUL_ACCURACY, OnnxDecoder
 from exporters.onnx.quantized_graph import rewrite_quantized
 from exporters.safetensors import read_model, read_quantized_weights
 
@@ -140,7 +140,7 @@ def _probe_ids(config, length: int, seed: int = 0) -> torch.Tensor:
 def validate(model, folder: Path, tolerance: float, name: str | Path) -> dict:
     """Runs the exported graphs in ONNX Runtime on probe inputs against the torch model; returns the
     largest logit differences, or raises ExportValidationError."""
-    decoder = OnnxDecoder(folder, threads=None)
+    decoder = OnnxDecoder(folder, threads=None, matmul_accuracy="fp32")
     config = model.config
     ids = _probe_ids(config, 24)
     with torch.no_grad():
@@ -172,11 +172,26 @@ def validate(model, folder: Path, tolerance: float, name: str | Path) -> dict:
     return figures
 
 
+def int8_figures(model, folder: Path) -> dict:
+    """The largest logit differences from the torch model with int8 activations (what a recorded
+    `matmul_accuracy: int8` runs): reported, not checked against the tolerance, which holds for fp32."""
+    decoder = OnnxDecoder(folder, threads=None, matmul_accuracy="int8")
+    ids = _probe_ids(model.config, 24)
+    with torch.no_grad():
+        reference = model(ids).logits[0]
+    return {"prompt_logits": float((torch.from_numpy(decoder.logits(ids.numpy())[0]) - reference).abs().max())}
+
+
 def export_artifact(folder: str | Path, tolerance: float = DEFAULT_TOLERANCE, log=print,
-                    name: str | Path | None = None) -> Path:
+                    name: str | Path | None = None, matmul_accuracy: str = "fp32") -> Path:
     """Writes `folder/onnx/` for an artifact folder (replacing an earlier export); returns its path.
     `name` is how messages call the artifact (compress exports into its staging folder); the caller
-    holds the artifact's claim (compressor.artifact.staged_folder or updating_in_place)."""
+    holds the artifact's claim (compressor.artifact.staged_folder or updating_in_place).
+    `matmul_accuracy` (recipe.OnnxExport) is recorded in the manifest as the compute the loader uses
+    when its caller names none; the graphs are validated in fp32 either way."""
+    if matmul_accuracy not in MATMUL_ACCURACY:
+        raise CompressorError(f"ONNX export: matmul_accuracy {matmul_accuracy!r} is not one of "
+                              f"{', '.join(MATMUL_ACCURACY)}")
     folder = Path(folder)
     name = name or folder
     model, _ = read_model(folder, with_tokenizer=False)
@@ -199,16 +214,20 @@ def export_artifact(folder: str | Path, tolerance: float = DEFAULT_TOLERANCE, lo
         _save_shared(protos, staging)
         log("validating the exported graphs in ONNX Runtime against the torch model")
         figures = validate(model, staging, tolerance, name)
+        if matmul_accuracy == "int8":
+            figures["int8"] = int8_figures(model, staging)
         manifest = {
             "graphs": {graph_file: {"inputs": [i.name for i in p.graph.input], "outputs": [o.name for o in p.graph.output]}
                        for graph_file, p in protos.items()},
             "weights_file": WEIGHTS_FILE, "opset": OPSET, "ir_version": IR_VERSION,
-            "quantized_weights": storage, "validation": figures,
+            "quantized_weights": storage, "validation": figures, "matmul_accuracy": matmul_accuracy,
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": _ort_version()},
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    int8 = (f"; recorded compute int8, prompt logits within {figures['int8']['prompt_logits']:.2e}"
+            if "int8" in figures else "")
     log(f"ONNX export written: {Path(name) / ONNX_DIR} (max |logit difference| vs torch "
-        f"{max(v for k, v in figures.items() if k.endswith('_logits')):.2e})")
+        f"{max(v for k, v in figures.items() if k.endswith('_logits')):.2e} in fp32{int8})")
     return target
 
 

@@ -193,8 +193,11 @@ class CachedDecoder:
 
 
 class OnnxDecoder(CachedDecoder):
+    """ONNX Runtime sessions of an export. `matmul_accuracy` None: the compute the export's manifest
+    records (`compress export onnx --matmul-accuracy`, a recipe's `onnx.matmul_accuracy`), else fp32."""
+
     def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 optimization: str = "all", matmul_accuracy: str = "fp32", graph: str = DECODER_FILE):
+                 optimization: str = "all", matmul_accuracy: str | None = None, graph: str = DECODER_FILE):
         import onnxruntime as ort  # optional dependency
 
         self.folder = Path(onnx_dir)
@@ -205,6 +208,9 @@ class OnnxDecoder(CachedDecoder):
         manifest = self.folder / MANIFEST_FILE
         self.manifest = read_json(manifest, f"{ONNX_DIR}/{MANIFEST_FILE}") if manifest.is_file() else {}
         self.providers = choose_providers(ort.get_available_providers(), providers)
+        if matmul_accuracy is None:
+            matmul_accuracy = self.manifest.get("matmul_accuracy", "fp32")
+        self.matmul_accuracy = matmul_accuracy
         options = session_options(threads, optimization, matmul_accuracy)
         self.split_8bit = matmul_accuracy == "fp32"
         self.session = self._session(graph, options)
