@@ -28,7 +28,7 @@ def test_unknown_top_level_key_names_it_and_lists_allowed_keys():
     assert "unknown key 'remov'" in message
     allowed = message.split("allowed here: ", 1)[1].split(", ")
     assert allowed == ["name", "description", "model", "calibration", "analysis", "remove", "quantize",
-                       "sparse_tokens", "share", "equalize", "evaluate", "export", "tensorrt", "max_shard_bytes", "serve", "device",
+                       "sparse_tokens", "share", "equalize", "evaluate", "export", "onnx", "tensorrt", "max_shard_bytes", "serve", "device",
                        "compute_dtype", "weights"]
 
 
