@@ -28,6 +28,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--unfused", action="store_true", help="run attention as its standard-op body, not the fused kernel")
     args = parser.parse_args(argv)
     if not (args.folder / "onnx").is_dir():
         raise SystemExit(f"bench.onnx_profile: {args.folder}: no onnx/ export")
@@ -44,7 +45,8 @@ def main(argv=None) -> None:
 
         loader.session_options = profiled
         try:
-            decoder = loader.OnnxDecoder(args.folder / "onnx", threads=args.threads, matmul_accuracy=args.compute)
+            decoder = loader.OnnxDecoder(args.folder / "onnx", threads=args.threads, matmul_accuracy=args.compute,
+                                         fused_attention=not args.unfused)
         finally:
             loader.session_options = plain
         vocab = decoder.session.get_outputs()[0].shape[-1]

@@ -296,6 +296,39 @@ def test_sparse_node_is_one_custom_domain_node_with_a_standard_op_body(artifacts
                                                                           WEIGHTS_FILE])
 
 
+@pytest.mark.parametrize("name", ["mixed", "mistral", "qwen3"])
+def test_cached_attention_node_runs_as_the_fused_kernel_with_the_same_logits(artifacts, tokenizer, name):
+    from exporters.onnx.loader import _cpu_graph
+
+    folder = artifacts(name)
+    proto = _graph(folder)
+    nodes = [n.op_type for n in proto.graph.node if n.domain == "compressor"]
+    layers = compressor.load(folder).config.attention_layers()
+    assert nodes == ["Rotary", "Rotary", "CachedAttention"] * len(layers)
+    bodies = {f.name: f for f in proto.functions if f.domain == "compressor"}
+    assert {"Softmax", "MatMul", "Concat"} <= {n.op_type for n in bodies["CachedAttention"].node}
+    assert {"Split", "Mul", "Sub", "Concat"} <= {n.op_type for n in bodies["Rotary"].node}
+    assert all(n.domain == "" for f in bodies.values() for n in f.node)
+    rewritten, external = _cpu_graph(folder / "onnx" / DECODER_FILE, proto, False, True)
+    fused = onnx.load_from_string(rewritten)
+    assert external and not fused.functions
+    contrib = [n.op_type for n in fused.graph.node if n.domain == "com.microsoft"]
+    assert (contrib.count("GroupQueryAttention"), contrib.count("RotaryEmbedding")) == (len(layers), 2 * len(layers))
+    # A left-padded batch, prefill then decoding steps: the fused kernel and the inlined body agree.
+    decoders = [OnnxDecoder(folder / "onnx", threads=1, fused_attention=f) for f in (True, False)]
+    a, b = prompts(tokenizer, 2, 30)
+    ids = np.concatenate([a.numpy(), np.concatenate([np.zeros((1, 10), np.int64), b[:, :20].numpy()], 1)])
+    mask = np.ones_like(ids)
+    mask[1, :10] = 0
+    states = [d.prefill(ids, mask) for d in decoders]
+    assert np.abs(states[0].logits - states[1].logits).max() < 1e-4
+    for _ in range(6):
+        tokens = states[1].logits.argmax(-1)
+        steps = [d.decode(tokens, state) for d, state in zip(decoders, states)]
+        assert np.abs(steps[0] - steps[1]).max() < 1e-4
+        assert max(np.abs(x - y).max() for x, y in zip(states[0].cache, states[1].cache)) < 1e-4
+
+
 def test_selection_reference_equals_the_torch_selection_on_padded_rows():
     from compressor.transforms.sparse_tokens import SparseTokenSettings, select_positions
     from exporters.onnx.graph_module import select_tokens_reference

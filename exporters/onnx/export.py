@@ -29,7 +29,7 @@ from compressor.artifact import staging_beside
 from compressor.errors import CompressorError
 from compressor.transforms.sparse_tokens import (SparseTokenSettings, check_settings, decode_step, full_prefill,
                                                  sparse_prefill)
-from exporters.onnx import DEFAULT_TOLERANCE, token_filter
+from exporters.onnx import DEFAULT_TOLERANCE, attention_op, token_filter
 from exporters.onnx.files import DECODER_FILE, MANIFEST_FILE, ONNX_DIR, SPARSE_FILE, WEIGHTS_FILE
 from exporters.onnx.graph_module import DecoderGraph, SparsePrefillGraph, kv_names
 from exporters.onnx.loader import MATMUL_ACCURACY, OnnxDecoder
@@ -91,9 +91,11 @@ def decoder_proto(model, optimize: bool = False) -> onnx.ModelProto:
     args += [torch.zeros(kv_shape) for _ in names]
     shapes = [{0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, {0: kept}]
     shapes.append(tuple({0: batch, 2: past} for _ in names))  # the *past varargs
-    return _dynamo_export(graph, args, ["input_ids", "attention_mask", "position_ids", "logits_index",
-                                        *[n for n, _ in names]],
-                          ["logits", *[n for _, n in names]], shapes, optimize=optimize)
+    proto = _dynamo_export(graph, args, ["input_ids", "attention_mask", "position_ids", "logits_index",
+                                         *[n for n, _ in names]],
+                           ["logits", *[n for _, n in names]], shapes, attention_op.translation_table(), optimize=optimize)
+    attention_op.add_functions(proto, OPSET)
+    return proto
 
 
 def sparse_proto(model, settings) -> onnx.ModelProto:

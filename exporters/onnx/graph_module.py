@@ -16,9 +16,11 @@ token's `logits`, the kept prompt positions `selected`, the position of the next
 Both read the compressed model's own modules (so parameter names are the artifact's tensor names)
 and compute what its layers compute, in a form that exports to few ONNX nodes, because at one token
 per step ONNX Runtime's time goes mostly to per-node overhead: RMSNorm as x / sqrt(mean(x^2) + eps)
-(which ONNX Runtime fuses into SimplifiedLayerNormalization), RoPE's rotate-half as a product with a
-constant signed permutation (exact), grouped-query attention by broadcasting queries over their kv
-head instead of repeating keys and values, and one additive mask built once for all layers.
+(which ONNX Runtime fuses into SimplifiedLayerNormalization), grouped-query attention by broadcasting
+queries over their kv head instead of repeating keys and values, and one additive mask built once
+for all layers. In `DecoderGraph` each layer's RoPE and its attention over the cache are one node
+each, `compressor.Rotary` and `compressor.CachedAttention` (`exporters.onnx.attention_op`), which
+ONNX Runtime's CPU loader runs as its fused kernels.
 """
 
 from __future__ import annotations
@@ -42,27 +44,11 @@ def kv_names(config) -> list[tuple[str, str]]:
 
 
 class ExplicitCache:
-    """The KVCache interface over tensors given as graph inputs; collects the present tensors."""
+    """The past keys and values given as graph inputs, by cache slot; collects the present ones."""
 
     def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.past = past or {}
         self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, key, value, slot, *args, **kwargs):
-        if slot in self.past:
-            key = torch.cat([self.past[slot][0], key], dim=-2)
-            value = torch.cat([self.past[slot][1], value], dim=-2)
-        self.present[slot] = (key, value)
-        return key, value
-
-
-def rotate_half_matrix(head_dim: int) -> torch.Tensor:
-    """R with x @ R == rotate_half(x) == cat(-x2, x1)."""
-    half = head_dim // 2
-    rotation = torch.zeros(head_dim, head_dim)
-    rotation[half:, :half] = -torch.eye(half)
-    rotation[:half, half:] = torch.eye(half)
-    return rotation
 
 
 def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
@@ -71,39 +57,95 @@ def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
 
 
 def additive_mask(attention_mask: torch.Tensor, queries: int, window: int | None) -> torch.Tensor:
-    """(batch, 1, 1, queries, keys) float: 0 where a query may attend, -inf elsewhere."""
+    """(batch, 1, queries, keys) float: 0 where a query may attend, -inf elsewhere."""
     allowed = attention_mask_4d(attention_mask, queries)
     if window is not None:
         keys = attention_mask.shape[1]
         q_pos = torch.arange(queries, device=attention_mask.device)[:, None] + (keys - queries)
         allowed = allowed & ((q_pos - torch.arange(keys, device=attention_mask.device)[None, :]) < window)
     zeros = torch.zeros(allowed.shape, dtype=torch.float32, device=attention_mask.device)
-    return zeros.masked_fill(~allowed, float("-inf"))[:, :, None]
+    return zeros.masked_fill(~allowed, float("-inf"))
 
 
-def attention(attn, x, cos, sin, rotation, mask, cache):
-    """compressor.modeling.Attention.forward without repeated keys and values."""
+def cached_attention_reference(query, key, value, past_key, past_value, mask, num_heads: int, kv_num_heads: int,
+                               scale: float):
+    """Grouped-query attention over the past and this step: query, key, value (batch, seq, heads x
+    dim) after RoPE, past (batch, kv heads, past, dim), mask (batch, 1, seq, past + seq) additive.
+    Returns the output (batch, seq, heads x dim) and the present keys and values. Queries are
+    broadcast over their kv head (query head h reads kv head h // groups) instead of repeating keys
+    and values. `exporters.onnx.attention_op` makes this one ONNX node."""
+    b, t, _ = query.shape
+    q = query.view(b, t, kv_num_heads, num_heads // kv_num_heads, -1).permute(0, 2, 3, 1, 4)
+    present_key = torch.cat([past_key, key.view(b, t, kv_num_heads, -1).transpose(1, 2)], dim=2)
+    present_value = torch.cat([past_value, value.view(b, t, kv_num_heads, -1).transpose(1, 2)], dim=2)
+    scores = (q @ present_key[:, :, None].transpose(-1, -2)) * scale + mask[:, :, None]
+    out = scores.softmax(-1) @ present_value[:, :, None]  # (b, kv heads, groups, seq, dim)
+    return out.permute(0, 3, 1, 2, 4).reshape(b, t, -1), present_key, present_value
+
+
+@torch.library.custom_op("compressor::cached_attention", mutates_args=())
+def cached_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
+                     past_value: torch.Tensor, mask: torch.Tensor, num_heads: int,
+                     kv_num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return cached_attention_reference(query, key, value, past_key, past_value, mask, num_heads, kv_num_heads, scale)
+
+
+@cached_attention.register_fake
+def _cached_attention_shape(query, key, value, past_key, past_value, mask, num_heads, kv_num_heads, scale):
+    b, t, _ = key.shape
+    present = past_key.new_empty((b, kv_num_heads, past_key.shape[2] + t, past_key.shape[3]))
+    return query.new_empty(query.shape), present, present.clone()
+
+
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """RoPE (rotate-half form) on x (batch, seq, heads x dim) with cos and sin of one half (batch,
+    seq, dim / 2), which `compressor.modeling.RotaryEmbedding` repeats for the other half:
+    (x1 c - x2 s, x2 c + x1 s) for each head's halves x1, x2."""
+    b, t, width = x.shape
+    half = width // num_heads // 2
+    x = x.view(b, t, num_heads, 2 * half)
+    x1, x2 = x[..., :half], x[..., half:]  # static slices: TensorRT's parser refuses the exporter's Split
+    c, s = cos[:, :, None], sin[:, :, None]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).reshape(b, t, -1)
+
+
+@torch.library.custom_op("compressor::rotary", mutates_args=())
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return rotary_reference(x, cos, sin, num_heads)
+
+
+@rotary.register_fake
+def _rotary_shape(x, cos, sin, num_heads):
+    return x.new_empty(x.shape)
+
+
+def attention(attn, x, cos, sin, mask, cache, fused: bool):
+    """compressor.modeling.Attention.forward in the projections' layout (batch, seq, heads x dim):
+    `rotary_reference` and `cached_attention_reference`, or, `fused`, their custom ops (one ONNX node
+    each, see exporters.onnx.attention_op). `cos` and `sin` are one half's (batch, seq, dim / 2)."""
     b, t, _ = x.shape
     heads, kv_heads, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    q = attn.q_proj(x).view(b, t, heads, dim)
-    k = attn.k_proj(x).view(b, t, kv_heads, dim)
-    v = attn.v_proj(x).view(b, t, kv_heads, dim).transpose(1, 2)
+    q, k = attn.q_proj(x), attn.k_proj(x)
     if attn.q_norm is not None:
-        q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    q = q * cos + (q @ rotation) * sin
-    k = k * cos + (k @ rotation) * sin
+        q = rms_norm(attn.q_norm, q.view(b, t, heads, dim)).reshape(b, t, heads * dim)
+        k = rms_norm(attn.k_norm, k.view(b, t, kv_heads, dim)).reshape(b, t, kv_heads * dim)
+    rope = rotary if fused else rotary_reference
+    q, k = rope(q, cos, sin, heads), rope(k, cos, sin, kv_heads)
+    slot = attn.cache_index
+    past = cache.past.get(slot) if cache is not None else None
+    if past is None:
+        empty = x.new_zeros((b, kv_heads, 0, dim))
+        past = (empty, empty)
+    core = cached_attention if fused else cached_attention_reference
+    out, key, value = core(q, k, attn.v_proj(x), past[0], past[1], mask, heads, kv_heads, 1.0 / math.sqrt(dim))
     if cache is not None:
-        k, v = cache.update(k, v, attn.cache_index)
-    q = q.reshape(b, kv_heads, heads // kv_heads, t, dim)  # query head h reads kv head h // groups
-    scores = (q @ k[:, :, None].transpose(-1, -2)) * (1.0 / math.sqrt(dim)) + mask
-    out = scores.softmax(-1) @ v[:, :, None]
-    return attn.o_proj(out.reshape(b, heads, t, dim).transpose(1, 2).reshape(b, t, heads * dim))
+        cache.present[slot] = (key, value)
+    return attn.o_proj(out)
 
 
-def decoder_layer(layer, h, cos, sin, rotation, mask, cache):
+def decoder_layer(layer, h, cos, sin, mask, cache, fused: bool = False):
     if layer.self_attn is not None:
-        h = h + attention(layer.self_attn, rms_norm(layer.input_layernorm, h), cos, sin, rotation, mask, cache)
+        h = h + attention(layer.self_attn, rms_norm(layer.input_layernorm, h), cos, sin, mask, cache, fused)
     if layer.mlp is not None:
         h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
     return h
@@ -128,18 +170,23 @@ class _Body(nn.Module):
         self.model = causal_lm.model
         self.lm_head = causal_lm.lm_head
         self.slots = {layer: slot for slot, layer in enumerate(self.config.attention_layers())}
-        self.register_buffer("rotation", rotate_half_matrix(self.config.head_dim), persistent=False)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h = rms_norm(self.model.norm, h)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return h @ weight.t()
 
+    # DecoderGraph's attention is the one-node `compressor.CachedAttention`; the sparse prefill's
+    # stays plain ops (its later layers attend over the kept tokens, not the graph's mask input).
+    fused_attention = False
+
     def run(self, h, position_ids, attention_mask, cache, start=0, stop=None):
-        cos, sin = self.model.rotary(position_ids, h.dtype)
+        cos, sin = self.model.rotary(position_ids, h.dtype)  # (batch, 1, seq, dim): one half, repeated
+        half = cos.shape[-1] // 2
+        cos, sin = cos[:, 0, :, :half], sin[:, 0, :, :half]
         mask = additive_mask(attention_mask, h.shape[1], self.config.attention_window)
         for layer in self.model.layers[start:stop]:
-            h = decoder_layer(layer, h, cos, sin, self.rotation, mask, cache)
+            h = decoder_layer(layer, h, cos, sin, mask, cache, self.fused_attention)
         return h
 
     def flat_present(self, cache: ExplicitCache) -> list[torch.Tensor]:
@@ -150,6 +197,8 @@ class _Body(nn.Module):
 
 
 class DecoderGraph(_Body):
+    fused_attention = True
+
     def forward(self, input_ids, attention_mask, position_ids, logits_index, *past):
         slots = [self.slots[layer] for layer in self.config.attention_layers()]
         cache = ExplicitCache({slot: (past[2 * i], past[2 * i + 1]) for i, slot in enumerate(slots)})

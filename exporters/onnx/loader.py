@@ -118,21 +118,34 @@ def _has_int8_codes(proto) -> bool:
     return any(t.data_type == onnx.TensorProto.INT8 and t.name.endswith(".weight_codes") for t in proto.graph.initializer)
 
 
-def _split_8bit_graph(path: Path) -> bytes | None:
-    """The graph with its 8-bit weights as 4-bit halves (exporters.onnx.int8_split), serialized; None
-    when it would pass protobuf's 2 GB limit (then the session reads the file as it is)."""
+def _cpu_graph(path: Path, proto, split_8bit: bool, fuse_attention: bool) -> tuple[bytes | None, bool]:
+    """The graph rewritten for ONNX Runtime's CPU kernels, serialized, and whether its weights stay in
+    the external-data file (the session is then told the folder); (None, False) when nothing applies.
+    `split_8bit`: 8-bit weights as 4-bit halves (exporters.onnx.int8_split), which needs the weights
+    in memory, so it is skipped with a warning past protobuf's 2 GB limit; `fuse_attention`: each
+    `compressor.CachedAttention` node as the fused kernel (exporters.onnx.fused_attention)."""
     import onnx  # optional dependency
 
-    from exporters.onnx.int8_split import TWO_GB, split_int8_matmuls  # optional dependency: imports onnx
+    # optional dependency: these import onnx
+    from exporters.onnx.fused_attention import group_query_attention, has_cached_attention
+    from exporters.onnx.int8_split import TWO_GB, split_int8_matmuls
 
-    proto = onnx.load(str(path))
-    if not split_int8_matmuls(proto):
-        return None
-    if proto.ByteSize() >= TWO_GB:
-        warnings.warn(f"{path}: too large to rewrite in memory; 8-bit weights run through ONNX Runtime's "
-                      "slow fp32 path (use matmul_accuracy='int8' for speed)")
-        return None
-    return proto.SerializeToString()
+    fuse_attention = fuse_attention and has_cached_attention(proto)
+    if split_8bit and _has_int8_codes(proto):
+        full = onnx.load(str(path))
+        if split_int8_matmuls(full):
+            if fuse_attention:
+                group_query_attention(full)
+            if full.ByteSize() < TWO_GB:
+                return full.SerializeToString(), False
+            warnings.warn(f"{path}: too large to rewrite in memory; 8-bit weights run through ONNX Runtime's "
+                          "slow fp32 path (use matmul_accuracy='int8' for speed)")
+    if not fuse_attention:
+        return None, False
+    graph = onnx.ModelProto()
+    graph.CopyFrom(proto)
+    group_query_attention(graph)
+    return graph.SerializeToString(), True
 
 
 @dataclass
@@ -194,10 +207,13 @@ class CachedDecoder:
 
 class OnnxDecoder(CachedDecoder):
     """ONNX Runtime sessions of an export. `matmul_accuracy` None: the compute the export's manifest
-    records (`compress export onnx --matmul-accuracy`, a recipe's `onnx.matmul_accuracy`), else fp32."""
+    records (`compress export onnx --matmul-accuracy`, a recipe's `onnx.matmul_accuracy`), else fp32.
+    `fused_attention`: on CPU, run each layer's `compressor.CachedAttention` node as ONNX Runtime's
+    fused GroupQueryAttention kernel (False: its standard-op body, inlined)."""
 
     def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 optimization: str = "all", matmul_accuracy: str | None = None, graph: str = DECODER_FILE):
+                 optimization: str = "all", matmul_accuracy: str | None = None, graph: str = DECODER_FILE,
+                 fused_attention: bool = True):
         import onnxruntime as ort  # optional dependency
 
         self.folder = Path(onnx_dir)
@@ -213,6 +229,7 @@ class OnnxDecoder(CachedDecoder):
         self.matmul_accuracy = matmul_accuracy
         options = session_options(threads, optimization, matmul_accuracy)
         self.split_8bit = matmul_accuracy == "fp32"
+        self.fused_attention = fused_attention
         self.session = self._session(graph, options)
         self.sparse_session = self._session(SPARSE_FILE, options) if self.has_sparse_prefill else None
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -225,8 +242,14 @@ class OnnxDecoder(CachedDecoder):
         import onnxruntime as ort  # optional dependency
 
         source = str(self.folder / graph)
-        if self.split_8bit and CPU in self.providers[:1] and _has_int8_codes(self._graphs[graph]):
-            source = _split_8bit_graph(self.folder / graph) or source
+        if CPU in self.providers[:1]:
+            rewritten, external = _cpu_graph(self.folder / graph, self._graphs[graph], self.split_8bit,
+                                             self.fused_attention)
+            if rewritten is not None:
+                source = rewritten
+            if external:
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                 str(self.folder))
         try:
             return ort.InferenceSession(source, options, providers=self.providers)
         except Exception as exc:

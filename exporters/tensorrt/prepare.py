@@ -3,6 +3,9 @@
 Each rewrite is exact (the same values reach every node; tests compare ONNX Runtime's logits before
 and after) and runs on the exported graph as it is written (`exporters.onnx`):
 
+- `inline_attention`: the `compressor.Rotary` and `compressor.CachedAttention` nodes
+  (`exporters.onnx.attention_op`) become their standard-op bodies, so that the rewrites below and
+  the 16-bit pass see every product and the KV cache's concatenations as plain nodes.
 - `fold_constants`: subgraphs of constants (the exporter's Reshape(Constant, Constant) of a
   ReduceMean's axes, cast and concatenated shape pieces) become initializers: TensorRT needs such
   inputs as build-time constants. Only exact operations are folded (data movement, integer and
@@ -34,10 +37,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, inliner, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from compressor.errors import CompressorError
+from exporters.onnx.fused_attention import DOMAIN, OP_TYPE, ROTARY_OP
 from exporters.onnx.quantized_graph import CONTRIB_DOMAIN, int4_tensor
 
 # Operations folded when every input is a constant: data movement and integer / boolean
@@ -456,11 +460,31 @@ def recipe_problem(quantize) -> str | None:
     return None
 
 
+def inline_attention(model: onnx.ModelProto) -> int:
+    """Replaces every `compressor.Rotary` / `compressor.CachedAttention` node by its function body, in
+    place (the functions are dropped); returns how many nodes were inlined."""
+    names = [(DOMAIN, OP_TYPE), (DOMAIN, ROTARY_OP)]
+    count = sum(1 for n in model.graph.node if (n.domain, n.op_type) in names)
+    if count:
+        # The inliner works on a serialized copy: without the weights, so models past protobuf's 2 GB
+        # limit inline too (it renames nothing that the initializers are read by).
+        weights = list(model.graph.initializer)
+        del model.graph.initializer[:]
+        inlined = inliner.inline_selected_functions(model, names)
+        inlined.graph.initializer.extend(weights)
+        model.CopyFrom(inlined)
+        kept = [f for f in model.functions if (f.domain, f.name) not in names]
+        del model.functions[:]
+        model.functions.extend(kept)
+    return count
+
+
 def prepare(model: onnx.ModelProto) -> dict:
     """Runs every rewrite on `model` in place, then the checks; returns what each did."""
     # Codes first (folding would turn each Transpose of codes into an anonymous constant), then the
     # rest of the constants.
-    record = {"two_bit_into_int4": two_bit_into_int4(model),
+    record = {"inlined_attention": inline_attention(model),
+              "two_bit_into_int4": two_bit_into_int4(model),
               "codes_into_dequantize": codes_into_dequantize(model),
               "dequantized_gathers": dequantized_gathers(model),
               "int8_blocks_as_int4_pairs": int8_blocks_as_int4_pairs(model),
