@@ -2,7 +2,8 @@
 
 Each ONNX artifact is timed through the toolkit's decode loop (`exporters.onnx.loader`) with the
 compute its export records (its default loading) and, for comparison, with each compute named in
-`--also`; each GGUF file through llama.cpp's bindings (`bench.llamacpp.decode_speed`). Same prompt
+`--also` and (`--unfused`) with attention and RoPE as their standard-op bodies instead of ONNX
+Runtime's fused kernels; each GGUF file through llama.cpp's bindings (`bench.llamacpp.decode_speed`). Same prompt
 length, new tokens, threads and repeats for all; rows are timed in rounds (one repeat of every row
 per round) so that a slow spell of this shared machine falls on every row alike. Medians, and ratios
 to the first GGUF file. Build the GGUF files first with `python -m bench.llamacpp`.
@@ -37,6 +38,8 @@ def main(argv=None) -> None:
     parser.add_argument("--onnx", nargs="*", type=Path, default=[], help="artifact folders with an onnx/ export")
     parser.add_argument("--also", nargs="*", default=["fp32"], choices=["fp32", "int8"],
                         help="computes to time besides each export's recorded one (default: fp32)")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also time each export's recorded compute with attention as its standard-op body")
     parser.add_argument("--gguf", nargs="*", type=Path, default=[], help="llama.cpp GGUF files (the first is the ratios' base)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=64)
@@ -58,13 +61,17 @@ def main(argv=None) -> None:
     rows, runs = [], []
     for folder in args.onnx:
         recorded = OnnxDecoder(folder / "onnx", threads=THREADS)
-        for compute in [recorded.matmul_accuracy] + [c for c in args.also if c != recorded.matmul_accuracy]:
-            decoder = recorded if compute == recorded.matmul_accuracy else \
-                OnnxDecoder(folder / "onnx", threads=THREADS, matmul_accuracy=compute)
+        variants = [(recorded.matmul_accuracy, True)] + [(c, True) for c in args.also if c != recorded.matmul_accuracy]
+        if args.unfused:
+            variants.insert(1, (recorded.matmul_accuracy, False))
+        for compute, fused in variants:
+            decoder = recorded if (compute, fused) == variants[0] else \
+                OnnxDecoder(folder / "onnx", threads=THREADS, matmul_accuracy=compute, fused_attention=fused)
             onnx_decode_seconds(decoder, prompt, 4)  # warm-up
             rows.append({"model": f"{folder.name} ONNX, {compute} compute"
-                         + (" (recorded default)" if compute == recorded.matmul_accuracy else ""),
-                         "kind": "onnx", "compute": compute, "seconds": []})
+                         + (" (recorded default)" if (compute, fused) == variants[0] else "")
+                         + ("" if fused else ", attention unfused"),
+                         "kind": "onnx", "compute": compute, "fused_attention": fused, "seconds": []})
             runs.append(lambda d=decoder: onnx_decode_seconds(d, prompt, args.new))
     for gguf in args.gguf:
         rows.append({"model": f"llama.cpp {gguf.stem}", "kind": "gguf", "seconds": []})

@@ -159,14 +159,15 @@ def _optional_json(path: Path):
 
 
 def load(folder: str | Path, backend: str = "torch", providers: list[str] | None = None, threads: int | None = None,
-         optimization: str = "all", matmul_accuracy: str | None = None, verify: bool = True, packed: bool = True) -> Artifact:
+         optimization: str = "all", matmul_accuracy: str | None = None, verify: bool = True, packed: bool = True,
+         fused_attention: bool = True) -> Artifact:
     """Loads an artifact folder. With `verify` (the default) every file is first checked against the
     artifact's manifest (sizes and SHA-256; about 1 s per GB); verify=False skips that for speed.
     Either way config.json and the weights are checked against each other. `providers`, `threads`
     (intra-op; None: ONNX Runtime's default), `optimization` ("disable" | "basic" | "extended" |
     "all") and `matmul_accuracy` ("fp32" | "int8": activations quantized in fused MatMulNBits; None:
-    what the export's manifest records, else fp32) apply
-    to the onnxruntime backend. On the torch backend quantized weights stay their codes (`packed`,
+    what the export's manifest records, else fp32) and `fused_attention` (on CPU, RoPE and attention
+    as ONNX Runtime's fused kernels; False: their standard-op bodies) apply to the onnxruntime backend. On the torch backend quantized weights stay their codes (`packed`,
     the default) and each is dequantized when it is used: about a quarter of their float32 memory
     and the same logits, but decoding is several times slower on a CPU; `packed=False` holds them as
     float32 tensors, for speed where memory allows (bench/results/packed_memory.md)."""
@@ -197,5 +198,6 @@ def load(folder: str | Path, backend: str = "torch", providers: list[str] | None
     if not (folder / "config.json").is_file():
         raise CompressorError(f"{folder}: not an artifact folder (needs config.json)")
     config = read_config(folder)
-    decoder = OnnxDecoder(folder / ONNX_DIR, providers, threads, optimization, matmul_accuracy)
+    decoder = OnnxDecoder(folder / ONNX_DIR, providers, threads, optimization, matmul_accuracy,
+                          fused_attention=fused_attention)
     return Artifact(folder, None, read_tokenizer(folder), config=config, onnx=decoder)

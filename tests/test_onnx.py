@@ -297,8 +297,11 @@ def test_sparse_node_is_one_custom_domain_node_with_a_standard_op_body(artifacts
 
 
 @pytest.mark.parametrize("name", ["mixed", "mistral", "qwen3"])
-def test_cached_attention_node_runs_as_the_fused_kernel_with_the_same_logits(artifacts, tokenizer, name):
+def test_cached_attention_node_runs_as_the_fused_kernel_with_the_same_logits(artifacts, tokenizer, name, monkeypatch):
+    from exporters.onnx import loader
     from exporters.onnx.loader import _cpu_graph
+
+    monkeypatch.setattr(loader, "CACHE_HEADROOM", 2)  # the in-place cache grows during the steps below
 
     folder = artifacts(name)
     proto = _graph(folder)
@@ -322,11 +325,17 @@ def test_cached_attention_node_runs_as_the_fused_kernel_with_the_same_logits(art
     mask[1, :10] = 0
     states = [d.prefill(ids, mask) for d in decoders]
     assert np.abs(states[0].logits - states[1].logits).max() < 1e-4
+    capacities = set()
     for _ in range(6):
         tokens = states[1].logits.argmax(-1)
         steps = [d.decode(tokens, state) for d, state in zip(decoders, states)]
         assert np.abs(steps[0] - steps[1]).max() < 1e-4
+        assert [c.shape for c in states[0].cache] == [c.shape for c in states[1].cache]
         assert max(np.abs(x - y).max() for x, y in zip(states[0].cache, states[1].cache)) < 1e-4
+        capacities.add(states[0].buffers[0][0].shape[2])
+    # The fused decoder wrote its cache in place, into buffers that grew by doubling: 31 + 2, then 66.
+    assert decoders[0].in_place_cache and not decoders[1].in_place_cache and states[1].buffers is None
+    assert capacities == {33, 66}
 
 
 def test_selection_reference_equals_the_torch_selection_on_padded_rows():

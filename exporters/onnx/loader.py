@@ -26,6 +26,8 @@ OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 # exporters.onnx.int8_split, since ONNX Runtime's fp32 path for 8 bits is slow); "int8" quantizes
 # activations on the fly (ONNX Runtime's own default for this fusion: faster, logits not equal).
 MATMUL_ACCURACY = {"fp32": "1", "int8": "4"}
+# Positions the in-place KV cache holds beyond the current length when it is (re)allocated.
+CACHE_HEADROOM = 128
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
@@ -118,6 +120,13 @@ def _has_int8_codes(proto) -> bool:
     return any(t.data_type == onnx.TensorProto.INT8 and t.name.endswith(".weight_codes") for t in proto.graph.initializer)
 
 
+def has_fused_nodes(proto) -> bool:
+    """Whether the graph holds the nodes that ONNX Runtime's CPU loader fuses (exporters.onnx.fused_attention)."""
+    from exporters.onnx.fused_attention import has_cached_attention  # optional dependency: imports onnx
+
+    return has_cached_attention(proto)
+
+
 def _cpu_graph(path: Path, proto, split_8bit: bool, fuse_attention: bool) -> tuple[bytes | None, bool]:
     """The graph rewritten for ONNX Runtime's CPU kernels, serialized, and whether its weights stay in
     the external-data file (the session is then told the folder); (None, False) when nothing applies.
@@ -127,10 +136,10 @@ def _cpu_graph(path: Path, proto, split_8bit: bool, fuse_attention: bool) -> tup
     import onnx  # optional dependency
 
     # optional dependency: these import onnx
-    from exporters.onnx.fused_attention import group_query_attention, has_cached_attention
+    from exporters.onnx.fused_attention import group_query_attention
     from exporters.onnx.int8_split import TWO_GB, split_int8_matmuls
 
-    fuse_attention = fuse_attention and has_cached_attention(proto)
+    fuse_attention = fuse_attention and has_fused_nodes(proto)
     if split_8bit and _has_int8_codes(proto):
         full = onnx.load(str(path))
         if split_int8_matmuls(full):
@@ -151,13 +160,16 @@ def _cpu_graph(path: Path, proto, split_8bit: bool, fuse_attention: bool) -> tup
 @dataclass
 class OnnxState:
     """Decoding state: next-token logits (batch, vocab), the KV cache arrays in graph-input order,
-    the attention mask over cached tokens, the next positions and the prompt positions kept."""
+    the attention mask over cached tokens, the next positions and the prompt positions kept.
+    `buffers`: where a decoder writes the cache in place (OnnxDecoder with the fused kernel), the
+    arrays of which `cache` holds the filled part, and their OrtValues."""
 
     logits: np.ndarray
     cache: list[np.ndarray]
     attention_mask: np.ndarray
     next_positions: np.ndarray
     selected: list[np.ndarray] | None = None
+    buffers: tuple[list[np.ndarray], list] | None = None
 
 
 class CachedDecoder:
@@ -230,6 +242,7 @@ class OnnxDecoder(CachedDecoder):
         options = session_options(threads, optimization, matmul_accuracy)
         self.split_8bit = matmul_accuracy == "fp32"
         self.fused_attention = fused_attention
+        self.in_place_cache = False  # set by _session when the decoder runs GroupQueryAttention
         self.session = self._session(graph, options)
         self.sparse_session = self._session(SPARSE_FILE, options) if self.has_sparse_prefill else None
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -237,6 +250,7 @@ class OnnxDecoder(CachedDecoder):
         if self.past_names:
             shape = inputs[self.past_names[0]].shape
             self.kv_heads, self.head_dim = shape[1], shape[3]
+        self.present_names = ["present." + name[len("past_key_values."):] for name in self.past_names]
 
     def _session(self, graph: str, options):
         import onnxruntime as ort  # optional dependency
@@ -247,6 +261,8 @@ class OnnxDecoder(CachedDecoder):
                                              self.fused_attention)
             if rewritten is not None:
                 source = rewritten
+            if graph == DECODER_FILE and self.fused_attention and has_fused_nodes(self._graphs[graph]):
+                self.in_place_cache = True
             if external:
                 options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                                  str(self.folder))
@@ -265,6 +281,41 @@ class OnnxDecoder(CachedDecoder):
 
     def _empty_cache(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32) for _ in self.past_names]
+
+    def decode(self, tokens: np.ndarray, state: OnnxState) -> np.ndarray:
+        """One decode step (see CachedDecoder.decode). With the fused kernel, the cache is written in
+        place: GroupQueryAttention appends this step's keys and values to buffers bound as both its
+        past input and its present output, so that no step copies the whole cache (the buffers grow
+        by doubling, CACHE_HEADROOM positions at least)."""
+        if not self.in_place_cache or not self.past_names:
+            return super().decode(tokens, state)
+        import onnxruntime as ort  # optional dependency
+
+        state.attention_mask = np.concatenate([state.attention_mask, np.ones_like(state.attention_mask[:, :1])], 1)
+        total = state.attention_mask.shape[1]
+        if state.buffers is None or state.buffers[0][0].shape[2] < total:
+            capacity = max(total + CACHE_HEADROOM, 2 * (state.buffers[0][0].shape[2] if state.buffers else 0))
+            arrays = []
+            for filled in state.cache:
+                array = np.zeros(filled.shape[:2] + (capacity,) + filled.shape[3:], dtype=filled.dtype)
+                array[:, :, :filled.shape[2]] = filled
+                arrays.append(array)
+            state.buffers = (arrays, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])  # no copy on CPU
+        arrays, values = state.buffers
+        feeds = {"input_ids": tokens.reshape(-1, 1).astype(np.int64), "attention_mask": state.attention_mask.astype(np.int64),
+                 "position_ids": state.next_positions[:, None].astype(np.int64), "logits_index": np.array([0], np.int64)}
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output("logits")  # first: get_outputs() follows the order outputs are bound in
+        for past, present, value in zip(self.past_names, self.present_names, values):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        self.session.run_with_iobinding(binding)
+        state.cache = [a[:, :, :total] for a in arrays]
+        state.next_positions = state.next_positions + 1
+        state.logits = binding.get_outputs()[0].numpy()[:, -1]
+        return state.logits
 
     def _run_sparse(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
         return self.sparse_session.run(None, {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)})
