@@ -78,6 +78,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.verify
 	$(BIN)/python -m bench.serving   # vLLM too once `python -m bench.serving --setup` made .venv-vllm
 	$(BIN)/python -m bench.onnx
+	$(BIN)/python -m bench.matmulnbits_bits
 	$(BIN)/python -m bench.scale     # about an hour on 2 CPU cores: 1B and 3B shapes, full and half depth
 	$(BIN)/python -m bench.onnx_large   # an ONNX export above 2 GB (about 14 GB of memory)
 

@@ -1,8 +1,9 @@
 """ONNX export of compressed artifacts (`export`) and its ONNX Runtime loader (`loader`); `files`
 names the export's files.
 
-Importing this package needs no ONNX package; `export`, `quantized_graph`, `int8_split` and
-`token_filter` import onnx at their top, so import them only after `require()`.
+Importing this package needs no ONNX package; `export`, `quantized_graph`, `int8_split`,
+`token_filter`, `attention_op` and `fused_attention` import onnx at their top, so import them only
+after `require()`.
 """
 
 from __future__ import annotations

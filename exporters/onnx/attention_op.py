@@ -62,7 +62,7 @@ def translation_table() -> dict:
             torch.ops.compressor.rotary.default: translate_rotary}
 
 
-def _ref_attribute(name: str, output: str, kind: str) -> onnx.NodeProto:
+def ref_attribute(name: str, output: str, kind: str = "value_int") -> onnx.NodeProto:
     """A Constant node whose value is the function attribute `name` (kind: value_int or value_float)."""
     node = helper.make_node("Constant", [], [output])
     attribute_type = onnx.AttributeProto.INT if kind == "value_int" else onnx.AttributeProto.FLOAT
@@ -75,7 +75,7 @@ def rotary_function(opset: int) -> onnx.FunctionProto:
     (x1 c - x2 s, x2 c + x1 s)."""
     n = helper.make_node
     nodes = [
-        _ref_attribute("num_heads", "heads", "value_int"),
+        ref_attribute("num_heads", "heads", "value_int"),
         n("Constant", [], ["axis0"], value_ints=[0]),
         n("Constant", [], ["axis2"], value_ints=[2]),
         n("Constant", [], ["zero_zero"], value_ints=[0, 0]),
@@ -106,9 +106,9 @@ def attention_function(opset: int) -> onnx.FunctionProto:
     mask) v, back to (b, seq, heads x d)."""
     n = helper.make_node
     nodes = [
-        _ref_attribute("kv_num_heads", "kv_heads", "value_int"),
-        _ref_attribute("num_heads", "heads", "value_int"),
-        _ref_attribute("scale", "scale_value", "value_float"),
+        ref_attribute("kv_num_heads", "kv_heads", "value_int"),
+        ref_attribute("num_heads", "heads", "value_int"),
+        ref_attribute("scale", "scale_value", "value_float"),
         n("Constant", [], ["axis0"], value_ints=[0]),
         n("Constant", [], ["axis2"], value_ints=[2]),
         n("Constant", [], ["zero_zero"], value_ints=[0, 0]),

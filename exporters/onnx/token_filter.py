@@ -18,6 +18,7 @@ import onnx
 import torch
 from onnx import TensorProto, defs, helper
 
+from exporters.onnx.attention_op import ref_attribute
 from exporters.onnx.graph_module import select_tokens_reference
 
 DOMAIN = "compressor"
@@ -62,22 +63,14 @@ def translation_table(kv_groups: int) -> dict:
     return {torch.ops.compressor.select_tokens.default: translate}
 
 
-def _ref_int(name: str, output: str) -> onnx.NodeProto:
-    """A Constant node whose value_int is the function attribute `name`."""
-    node = helper.make_node("Constant", [], [output])
-    attribute = onnx.AttributeProto(name="value_int", ref_attr_name=name, type=onnx.AttributeProto.INT)
-    node.attribute.append(attribute)
-    return node
-
-
 def function_proto(opset: int) -> onnx.FunctionProto:
     """The body: scores = avgpool(sum over heads of softmax(q k^T / sqrt(d))), first/last tokens forced,
     top keep_tokens, sorted by position. The 1/sqrt(d) scale is computed from the key's last dim."""
     n = helper.make_node
     f32 = TensorProto.FLOAT
     nodes = [
-        _ref_int("kv_groups", "groups"), _ref_int("keep_tokens", "k_scalar"), _ref_int("keep_first", "first"),
-        _ref_int("keep_last", "last"), _ref_int("pool_width", "width"),
+        ref_attribute("kv_groups", "groups"), ref_attribute("keep_tokens", "k_scalar"), ref_attribute("keep_first", "first"),
+        ref_attribute("keep_last", "last"), ref_attribute("pool_width", "width"),
         n("Constant", [], ["zero_minus_one"], value_ints=[0, -1]),
         n("Constant", [], ["zero"], value_ints=[0]),
         n("Constant", [], ["axis0"], value_ints=[0]),
