@@ -332,7 +332,7 @@ def test_cached_attention_node_runs_as_the_fused_kernel_with_the_same_logits(art
         assert np.abs(steps[0] - steps[1]).max() < 1e-4
         assert [c.shape for c in states[0].cache] == [c.shape for c in states[1].cache]
         assert max(np.abs(x - y).max() for x, y in zip(states[0].cache, states[1].cache)) < 1e-4
-        capacities.add(states[0].buffers[0][0].shape[2])
+        capacities.add(states[0].buffers.arrays[0].shape[2])
     # The fused decoder wrote its cache in place, into buffers that grew by doubling: 31 + 2, then 66.
     assert decoders[0].in_place_cache and not decoders[1].in_place_cache and states[1].buffers is None
     assert capacities == {33, 66}

@@ -158,18 +158,30 @@ def _cpu_graph(path: Path, proto, split_8bit: bool, fuse_attention: bool) -> tup
 
 
 @dataclass
+class InPlaceCache:
+    """A decoding state's KV cache buffers (batch, kv heads, capacity, dim), which GroupQueryAttention
+    writes in place, their OrtValues, the logits buffer, and the session binding that holds them."""
+
+    capacity: int
+    arrays: list[np.ndarray]
+    values: list
+    logits: np.ndarray
+    binding: object
+
+
+@dataclass
 class OnnxState:
     """Decoding state: next-token logits (batch, vocab), the KV cache arrays in graph-input order,
     the attention mask over cached tokens, the next positions and the prompt positions kept.
     `buffers`: where a decoder writes the cache in place (OnnxDecoder with the fused kernel), the
-    arrays of which `cache` holds the filled part, and their OrtValues."""
+    buffers of which `cache` holds the filled part."""
 
     logits: np.ndarray
     cache: list[np.ndarray]
     attention_mask: np.ndarray
     next_positions: np.ndarray
     selected: list[np.ndarray] | None = None
-    buffers: tuple[list[np.ndarray], list] | None = None
+    buffers: InPlaceCache | None = None
 
 
 class CachedDecoder:
@@ -289,33 +301,40 @@ class OnnxDecoder(CachedDecoder):
         by doubling, CACHE_HEADROOM positions at least)."""
         if not self.in_place_cache or not self.past_names:
             return super().decode(tokens, state)
-        import onnxruntime as ort  # optional dependency
-
         state.attention_mask = np.concatenate([state.attention_mask, np.ones_like(state.attention_mask[:, :1])], 1)
         total = state.attention_mask.shape[1]
-        if state.buffers is None or state.buffers[0][0].shape[2] < total:
-            capacity = max(total + CACHE_HEADROOM, 2 * (state.buffers[0][0].shape[2] if state.buffers else 0))
-            arrays = []
-            for filled in state.cache:
-                array = np.zeros(filled.shape[:2] + (capacity,) + filled.shape[3:], dtype=filled.dtype)
-                array[:, :, :filled.shape[2]] = filled
-                arrays.append(array)
-            state.buffers = (arrays, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])  # no copy on CPU
-        arrays, values = state.buffers
+        cache = state.buffers
+        if cache is None or cache.capacity < total:
+            cache = state.buffers = self._in_place_cache(state, max(total + CACHE_HEADROOM, 2 * (cache.capacity if cache else 0)))
         feeds = {"input_ids": tokens.reshape(-1, 1).astype(np.int64), "attention_mask": state.attention_mask.astype(np.int64),
                  "position_ids": state.next_positions[:, None].astype(np.int64), "logits_index": np.array([0], np.int64)}
+        for name, value in feeds.items():  # rebinding a name replaces its earlier binding
+            cache.binding.bind_cpu_input(name, value)
+        self.session.run_with_iobinding(cache.binding)
+        state.cache = [a[:, :, :total] for a in cache.arrays]
+        state.next_positions = state.next_positions + 1
+        state.logits = cache.logits[:, -1].copy()  # the buffer is written again by the next step
+        return state.logits
+
+    def _in_place_cache(self, state: OnnxState, capacity: int) -> InPlaceCache:
+        """Buffers of `capacity` positions holding `state.cache`, bound (with a logits buffer) once for
+        all the steps they last."""
+        import onnxruntime as ort  # optional dependency
+
+        arrays = []
+        for filled in state.cache:
+            array = np.zeros(filled.shape[:2] + (capacity,) + filled.shape[3:], dtype=filled.dtype)
+            array[:, :, :filled.shape[2]] = filled
+            arrays.append(array)
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # on CPU: the arrays' memory, no copy
+        logits = np.empty((state.logits.shape[0], 1, state.logits.shape[-1]), dtype=np.float32)
         binding = self.session.io_binding()
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        binding.bind_output("logits")  # first: get_outputs() follows the order outputs are bound in
+        values.append(ort.OrtValue.ortvalue_from_numpy(logits))
+        binding.bind_ortvalue_output("logits", values[-1])
         for past, present, value in zip(self.past_names, self.present_names, values):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
-        self.session.run_with_iobinding(binding)
-        state.cache = [a[:, :, :total] for a in arrays]
-        state.next_positions = state.next_positions + 1
-        state.logits = binding.get_outputs()[0].numpy()[:, -1]
-        return state.logits
+        return InPlaceCache(capacity, arrays, values, logits, binding)
 
     def _run_sparse(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
         return self.sparse_session.run(None, {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)})
