@@ -312,10 +312,10 @@ def test_cached_attention_node_runs_as_the_fused_kernel_with_the_same_logits(art
     assert {"Softmax", "MatMul", "Concat"} <= {n.op_type for n in bodies["CachedAttention"].node}
     assert {"Split", "Mul", "Sub", "Concat"} <= {n.op_type for n in bodies["Rotary"].node}
     assert all(n.domain == "" for f in bodies.values() for n in f.node)
-    rewritten, external = _cpu_graph(folder / "onnx" / DECODER_FILE, proto, False, True)
-    fused = onnx.load_from_string(rewritten)
-    assert external and not fused.functions
-    contrib = [n.op_type for n in fused.graph.node if n.domain == "com.microsoft"]
+    rewritten, external, fused = _cpu_graph(folder / "onnx" / DECODER_FILE, proto, False, True)
+    graph = onnx.load_from_string(rewritten)
+    assert external and fused and not graph.functions
+    contrib = [n.op_type for n in graph.graph.node if n.domain == "com.microsoft"]
     assert (contrib.count("GroupQueryAttention"), contrib.count("RotaryEmbedding")) == (len(layers), 2 * len(layers))
     # A left-padded batch, prefill then decoding steps: the fused kernel and the inlined body agree.
     decoders = [OnnxDecoder(folder / "onnx", threads=1, fused_attention=f) for f in (True, False)]

@@ -70,17 +70,19 @@ def ref_attribute(name: str, output: str, kind: str = "value_int") -> onnx.NodeP
     return node
 
 
+def _shape_constants() -> list[onnx.NodeProto]:
+    """The axes and shape pieces both bodies use: axis0, axis2, zero_zero, minus_one, zero_zero_minus_one."""
+    values = {"axis0": [0], "axis2": [2], "zero_zero": [0, 0], "minus_one": [-1], "zero_zero_minus_one": [0, 0, -1]}
+    return [helper.make_node("Constant", [], [name], value_ints=v) for name, v in values.items()]
+
+
 def rotary_function(opset: int) -> onnx.FunctionProto:
     """The body, as `graph_module.rotary_reference` computes it: each head's halves x1, x2 become
     (x1 c - x2 s, x2 c + x1 s)."""
     n = helper.make_node
     nodes = [
         ref_attribute("num_heads", "heads", "value_int"),
-        n("Constant", [], ["axis0"], value_ints=[0]),
-        n("Constant", [], ["axis2"], value_ints=[2]),
-        n("Constant", [], ["zero_zero"], value_ints=[0, 0]),
-        n("Constant", [], ["minus_one"], value_ints=[-1]),
-        n("Constant", [], ["zero_zero_minus_one"], value_ints=[0, 0, -1]),
+        *_shape_constants(),
         n("Unsqueeze", ["heads", "axis0"], ["heads_1d"]),
         n("Concat", ["zero_zero", "heads_1d", "minus_one"], ["heads_shape"], axis=0),
         n("Reshape", ["input", "heads_shape"], ["x"]),  # (b, seq, heads, d)
@@ -109,11 +111,7 @@ def attention_function(opset: int) -> onnx.FunctionProto:
         ref_attribute("kv_num_heads", "kv_heads", "value_int"),
         ref_attribute("num_heads", "heads", "value_int"),
         ref_attribute("scale", "scale_value", "value_float"),
-        n("Constant", [], ["axis0"], value_ints=[0]),
-        n("Constant", [], ["axis2"], value_ints=[2]),
-        n("Constant", [], ["zero_zero"], value_ints=[0, 0]),
-        n("Constant", [], ["minus_one"], value_ints=[-1]),
-        n("Constant", [], ["zero_zero_minus_one"], value_ints=[0, 0, -1]),
+        *_shape_constants(),
         n("Div", ["heads", "kv_heads"], ["groups"]),
         n("Unsqueeze", ["kv_heads", "axis0"], ["kv_heads_1d"]),
         n("Unsqueeze", ["groups", "axis0"], ["groups_1d"]),

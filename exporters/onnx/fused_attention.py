@@ -33,7 +33,8 @@ ROTARY_OP = "Rotary"
 VERSION = 1
 
 
-def has_cached_attention(model: onnx.ModelProto) -> bool:
+def has_fusable_nodes(model: onnx.ModelProto) -> bool:
+    """Whether the graph holds `compressor.CachedAttention` or `compressor.Rotary` nodes."""
     return any(node.op_type in (OP_TYPE, ROTARY_OP) and node.domain == DOMAIN for node in model.graph.node)
 
 
@@ -45,7 +46,7 @@ def _int64(name: str, value: int) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=helper.make_tensor(name + "_value", TensorProto.INT64, [], [value]))
 
 
-def group_query_attention(model: onnx.ModelProto, mask_input: str = "attention_mask") -> int:
+def fuse_nodes(model: onnx.ModelProto, mask_input: str = "attention_mask") -> int:
     """Replaces every `compressor.CachedAttention` node by `com.microsoft.GroupQueryAttention` and
     every `compressor.Rotary` by `com.microsoft.RotaryEmbedding` (CPU, float32), in place; returns
     how many nodes were replaced. `seqlens_k` and `total_sequence_length` are computed once from the

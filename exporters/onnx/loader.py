@@ -120,41 +120,41 @@ def _has_int8_codes(proto) -> bool:
     return any(t.data_type == onnx.TensorProto.INT8 and t.name.endswith(".weight_codes") for t in proto.graph.initializer)
 
 
-def has_fused_nodes(proto) -> bool:
-    """Whether the graph holds the nodes that ONNX Runtime's CPU loader fuses (exporters.onnx.fused_attention)."""
-    from exporters.onnx.fused_attention import has_cached_attention  # optional dependency: imports onnx
-
-    return has_cached_attention(proto)
-
-
-def _cpu_graph(path: Path, proto, split_8bit: bool, fuse_attention: bool) -> tuple[bytes | None, bool]:
-    """The graph rewritten for ONNX Runtime's CPU kernels, serialized, and whether its weights stay in
-    the external-data file (the session is then told the folder); (None, False) when nothing applies.
+def _cpu_graph(path: Path, proto, split_8bit: bool, fuse_attention: bool) -> tuple[bytes | None, bool, bool]:
+    """The graph rewritten for ONNX Runtime's CPU kernels, serialized (None when nothing applies),
+    whether its weights stay in the external-data file (the session is then told the folder), and
+    whether its attention runs as the fused kernel.
     `split_8bit`: 8-bit weights as 4-bit halves (exporters.onnx.int8_split), which needs the weights
     in memory, so it is skipped with a warning past protobuf's 2 GB limit; `fuse_attention`: each
     `compressor.CachedAttention` node as the fused kernel (exporters.onnx.fused_attention)."""
     import onnx  # optional dependency
 
     # optional dependency: these import onnx
-    from exporters.onnx.fused_attention import group_query_attention
+    from exporters.onnx.fused_attention import fuse_nodes, has_fusable_nodes
     from exporters.onnx.int8_split import TWO_GB, split_int8_matmuls
 
-    fuse_attention = fuse_attention and has_fused_nodes(proto)
+    fuse_attention = fuse_attention and has_fusable_nodes(proto)
     if split_8bit and _has_int8_codes(proto):
         full = onnx.load(str(path))
         if split_int8_matmuls(full):
             if fuse_attention:
-                group_query_attention(full)
+                fuse_nodes(full)
             if full.ByteSize() < TWO_GB:
-                return full.SerializeToString(), False
+                return full.SerializeToString(), False, fuse_attention
             warnings.warn(f"{path}: too large to rewrite in memory; 8-bit weights run through ONNX Runtime's "
                           "slow fp32 path (use matmul_accuracy='int8' for speed)")
     if not fuse_attention:
-        return None, False
+        return None, False, False
     graph = onnx.ModelProto()
     graph.CopyFrom(proto)
-    group_query_attention(graph)
-    return graph.SerializeToString(), True
+    fuse_nodes(graph)
+    return graph.SerializeToString(), True, True
+
+
+def _step_feeds(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, logits_index: np.ndarray) -> dict:
+    """The decoder graph's inputs other than the cache, as int64 arrays."""
+    return {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
+            "position_ids": positions.astype(np.int64), "logits_index": logits_index.astype(np.int64)}
 
 
 @dataclass
@@ -269,12 +269,12 @@ class OnnxDecoder(CachedDecoder):
 
         source = str(self.folder / graph)
         if CPU in self.providers[:1]:
-            rewritten, external = _cpu_graph(self.folder / graph, self._graphs[graph], self.split_8bit,
-                                             self.fused_attention)
+            rewritten, external, fused = _cpu_graph(self.folder / graph, self._graphs[graph], self.split_8bit,
+                                                    self.fused_attention)
             if rewritten is not None:
                 source = rewritten
-            if graph == DECODER_FILE and self.fused_attention and has_fused_nodes(self._graphs[graph]):
-                self.in_place_cache = True
+            if graph == DECODER_FILE:
+                self.in_place_cache = fused
             if external:
                 options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                                  str(self.folder))
@@ -286,8 +286,7 @@ class OnnxDecoder(CachedDecoder):
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, logits_index: np.ndarray,
              cache: list[np.ndarray]) -> list[np.ndarray]:
-        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
-                 "position_ids": positions.astype(np.int64), "logits_index": logits_index.astype(np.int64)}
+        feeds = _step_feeds(ids, mask, positions, logits_index)
         feeds.update(zip(self.past_names, cache))
         return self.session.run(None, feeds)
 
@@ -306,8 +305,7 @@ class OnnxDecoder(CachedDecoder):
         cache = state.buffers
         if cache is None or cache.capacity < total:
             cache = state.buffers = self._in_place_cache(state, max(total + CACHE_HEADROOM, 2 * (cache.capacity if cache else 0)))
-        feeds = {"input_ids": tokens.reshape(-1, 1).astype(np.int64), "attention_mask": state.attention_mask.astype(np.int64),
-                 "position_ids": state.next_positions[:, None].astype(np.int64), "logits_index": np.array([0], np.int64)}
+        feeds = _step_feeds(tokens.reshape(-1, 1), state.attention_mask, state.next_positions[:, None], np.array([0]))
         for name, value in feeds.items():  # rebinding a name replaces its earlier binding
             cache.binding.bind_cpu_input(name, value)
         self.session.run_with_iobinding(cache.binding)
