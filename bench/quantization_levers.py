@@ -11,10 +11,13 @@ every allocation unit at its widths, and of the embedding), quantizes a fresh co
 - 5- and 6-bit widths beside 4 and 8;
 - `clip: search`: each group's range searched for the least Hessian-weighted rounding error;
 - `granularity: unit`: attention and MLP units get widths of their own;
-- `method: signround`: learned rounding (signed gradient steps per layer) on top of GPTQ.
+- `method: signround`: learned rounding (signed gradient steps per layer) on top of GPTQ;
+- group sizes as allocation choices: each unit and the embedding at each width in groups of 64 or
+  with one scale per row (`group_size: [64, channel]`), so the knapsack trades scale bytes against
+  widths (this model's 576-wide rows take no group of 128).
 It writes bench/results/quantization_levers.{json,md}.
 
-    python -m bench.quantization_levers            # the full run (about 60 minutes on 2 cores)
+    python -m bench.quantization_levers            # the full run (about 90 minutes on 2 cores)
     python -m bench.quantization_levers --quick    # tiny settings, to check the script itself
 """
 
@@ -38,17 +41,20 @@ from compressor.sources import load_model
 
 BUDGETS_MB = (90.0, 105.5)  # the issue's targets: IQ4_XS (90.9 MB) and Q4_K_M (105.5 MB)
 HEADER_ROOM = 50_000  # budget.bytes counts tensors; the file adds its JSON header
-# The analyses the rows plan on: (equalized, granularity, widths), each also measuring the embedding
-# (embeddings: auto).
+# The analyses the rows plan on: (equalized, granularity, widths, group sizes), each also measuring the
+# embedding (embeddings: auto). `unit` measures every width at both group sizes: the rows at groups of
+# 64 read its primary scores, the group-size row all of them.
+GROUPS = [64, "channel"]
 ANALYSES = {
-    "plain": (False, "layer", [4, 8]),
-    "unit": (True, "unit", [4, 5, 6, 8]),
+    "plain": (False, "layer", [4, 8], 64),
+    "unit": (True, "unit", [4, 5, 6, 8], GROUPS),
 }
 WIDE = [4, 5, 6, 8]
 UNIT = {"granularity": "unit"}
 SIGNROUND = {"steps": 25, "windows": 1}
 # (row label, analysis, quantize settings, what the row changes in the plan after planning, budgets).
-# Each row adds one lever to the row before it, except the third, which adds two (equalization and
+# Each row adds one lever to the row before it (the last to the `embeddings: auto` row: BASE), except
+# the third, which adds two (equalization and
 # unit granularity: an analysis for each alone costs another 10-15 minutes; equalization alone was
 # -1.15 at 90 MB in the previous run of this bench, with quantize-only's earlier settings). `clip` and
 # `signround` change how the planned widths are rounded, not the widths: they edit the plan (their
@@ -67,7 +73,11 @@ VARIANTS = (
     (f"+ method: signround ({SIGNROUND['steps']} steps a layer, same widths)", "unit",
      dict(UNIT, bits=WIDE, embeddings="auto"),
      {"clip": "search", "method": "signround", "signround": dict(SIGNROUND, learning_rate=None)}, (90.0,)),
+    ("+ group size per unit: 64 or per channel (instead of clip: search)", "unit",
+     dict(UNIT, bits=WIDE, embeddings="auto", group_size=GROUPS), {}, BUDGETS_MB),
 )
+# The row a variant adds its lever to, where it is not the row above it at its budget.
+BASE = {VARIANTS[-1][0]: VARIANTS[4][0]}
 
 
 def quantize_settings(calibration_quick: bool, **overrides) -> dict:
@@ -78,14 +88,25 @@ def quantize_settings(calibration_quick: bool, **overrides) -> dict:
     return dict(settings, **overrides)
 
 
+def group_counts(units: list[dict]) -> dict[str, int]:
+    """Units per group size of a plan that chose them per unit ({} when it had one)."""
+    counts: dict[str, int] = {}
+    for unit in units:
+        if "group_size" in unit:
+            key = "channel" if unit["group_size"] is None else f"g{unit['group_size']}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def markdown(rows: list[dict], original: dict, meta: dict) -> str:
     minutes = ", ".join(f"{key} {seconds / 60:.1f}" for key, seconds in meta["analysis_seconds"].items()) or "read"
     lines = ["# Quantization levers at equal bytes", "",
              f"Embedded model (SmolLM2-135M-Instruct), WikiText-2 test, first {meta['windows']} windows x "
              f"{meta['seq_len']} tokens (every next-token position); calibration {meta['calibration']} "
-             f"(never WikiText). GPTQ, symmetric, groups of 64, allocated by measured sensitivity under "
-             f"`budget.bytes` (the whole model.safetensors). Each row adds one lever to the row above it at its "
-             f"budget. Machine: {meta['machine']['cpu']}, {meta['machine']['torch_threads']} threads. "
+             f"(never WikiText). GPTQ, symmetric, groups of 64 (but the group-size row), allocated by measured "
+             f"sensitivity under `budget.bytes` (the whole model.safetensors). Each row adds one lever to the row "
+             f"above it at its budget (the group-size row to the `embeddings: auto` row; `vs row above` compares "
+             f"with that row). Machine: {meta['machine']['cpu']}, {meta['machine']['torch_threads']} threads. "
              f"Command: `{meta['command']}`.", "",
              f"Analyses (minutes on 2 cores, shared by the rows that plan on them): {minutes}. `unit` "
              "includes the equalization search. Analyses read from an earlier run "
@@ -94,16 +115,21 @@ def markdown(rows: list[dict], original: dict, meta: dict) -> str:
              "| budget MB | variant | size MB | perplexity | vs row above | vs baseline | embedding bits | "
              "widths (units) | minutes |",
              "|---|---|---|---|---|---|---|---|---|"]
-    baselines, previous = {}, {}
+    baselines, previous, by_name = {}, {}, {}
     for row in rows:
         budget = row["budget_mb"]
         base = baselines.setdefault(budget, row["perplexity"])
-        above = previous.get(budget)
+        above = by_name.get((budget, row.get("adds_to")), previous.get(budget))
         step = "" if above is None else f"{row['perplexity'] - above:+.2f}"
-        previous[budget] = row["perplexity"]
+        previous[budget] = by_name[(budget, row["name"])] = row["perplexity"]
         widths = ", ".join(f"{n} x {b}" for b, n in row["widths"].items() if n)
+        if row.get("group_sizes"):
+            widths += "; " + ", ".join(f"{n} x {g}" for g, n in row["group_sizes"].items())
+        embedding = str(row["embedding_bits"])
+        if row.get("group_sizes"):
+            embedding += f" ({'channel' if row.get('embedding_group') is None else 'g' + str(row['embedding_group'])})"
         lines.append(f"| {budget:.1f} | {row['name']} | {row['bytes'] / 1e6:.1f} | {row['perplexity']:.2f} | {step} | "
-                     f"{row['perplexity'] - base:+.2f} | {row['embedding_bits']} | {widths} | {row['seconds'] / 60:.1f} |")
+                     f"{row['perplexity'] - base:+.2f} | {embedding} | {widths} | {row['seconds'] / 60:.1f} |")
     lines += ["", "Minutes: planning, equalization (its rows), GPTQ and refinement of that row on 2 cores (the "
               "analyses not included). Units: decoder layers, or attention and MLP units with `granularity: unit`.",
               ""]
@@ -132,10 +158,10 @@ def main() -> None:
             data["equalize"] = {"samples": 2, "tokens": 256, "grid": 5} if args.quick else {}
         return parse_recipe(data)
 
-    variants = [VARIANTS[0], VARIANTS[2], VARIANTS[-1]] if args.quick else VARIANTS
+    variants = [VARIANTS[0], VARIANTS[2], VARIANTS[-2], VARIANTS[-1]] if args.quick else VARIANTS
     wanted = {key for _, key, _, _, _ in variants}
     analyses, analysis_seconds = {}, {}
-    for key, (equalized, granularity, bits) in ANALYSES.items():
+    for key, (equalized, granularity, bits, groups) in ANALYSES.items():
         if key not in wanted:
             continue
         cached = args.analyses / f"{key}.json" if args.analyses else None
@@ -145,7 +171,7 @@ def main() -> None:
             continue
         started = time.perf_counter()
         analyses[key] = analyze(source, recipe(int(BUDGETS_MB[0] * 1e6), equalized, bits=bits, embeddings="auto",
-                                               granularity=granularity), quiet=True)
+                                               granularity=granularity, group_size=groups), quiet=True)
         analysis_seconds[key] = time.perf_counter() - started
         print(f"analysis {key}: {analysis_seconds[key]:.0f} s", flush=True)
         if cached is not None:
@@ -164,7 +190,9 @@ def main() -> None:
                                plan_edit=edit)
             spec = make_plan(plan_recipe, analyses[key])["quantization"]
             row.update(budget_mb=budget_mb, embedding_bits=spec["embedding"]["bits"], settings=settings,
-                       plan_edit=plan_edit, analysis=key)
+                       plan_edit=plan_edit, analysis=key, adds_to=BASE.get(name),
+                       embedding_group=spec["embedding"].get("group_size"),
+                       group_sizes=group_counts(spec["units"]))
             rows.append(row)
             print(f"{budget_mb} MB | {name}: {row['bytes'] / 1e6:.2f} MB, perplexity {row['perplexity']:.2f} "
                   f"(embedding {row['embedding_bits']}-bit, {row['widths']}, {row['seconds']:.0f} s)", flush=True)

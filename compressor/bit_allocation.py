@@ -83,13 +83,15 @@ def unit_importance(analysis_layers: list[dict], key: tuple[int, str | None], sc
     raise ValueError(score)
 
 
-def option_costs(units: list[dict], widths: list[int], allocate: str, analysis_layers: list[dict],
-                 sensitivity: dict | None) -> list[list[float]]:
-    """Cost of each unit at each width (see the module docstring)."""
+def option_costs(units: list[dict], options: list[tuple[int, object]], labels: list[str], allocate: str,
+                 analysis_layers: list[dict], sensitivity: dict | None) -> list[list[float]]:
+    """Cost of each unit at each option, (bits, group size) keyed by `labels` among the measured
+    sensitivities (see the module docstring; the noise models ignore the group size)."""
     if allocate == "sensitivity":
         if sensitivity is None:
             raise CompressorError("allocate: sensitivity needs the quantization sensitivity in the analysis")
-        return [[max(0.0, float(sensitivity[u["key"]][str(b)])) for b in widths] for u in units]
+        return [[max(0.0, float(sensitivity[u["key"]][k])) for k in labels] for u in units]
+    widths = [b for b, _ in options]
     if allocate == "uniform":
         importance = [1.0] * len(units)
     else:

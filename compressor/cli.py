@@ -206,9 +206,12 @@ def run(argv: list[str]) -> int:
         if plan.get("quantization"):
             print(pipeline.quantization_summary(plan["quantization"]))
             for unit in plan["quantization"]["units"]:
-                costs = ", ".join(f"{b}-bit {c:.3g}" for b, c in unit["costs"].items())
+                # Option labels are a width ("4") or a width and group size ("4/channel").
+                costs = ", ".join(f"{b}{'' if '/' in b else '-bit'} {c:.3g}" for b, c in unit["costs"].items())
                 pinned = f"  pinned: {unit['pinned']}" if unit.get("pinned") else ""
-                print(f"  unit {unit['key']:<12} {unit['bits']}-bit  cost by width: {costs}{pinned}")
+                group = "" if "group_size" not in unit else \
+                    f" {'channel' if unit['group_size'] is None else 'g' + str(unit['group_size'])}"
+                print(f"  unit {unit['key']:<12} {unit['bits']}-bit{group}  cost by option: {costs}{pinned}")
     elif command == "apply":
         plan = load_plan(args.plan)
         out = pipeline.apply_plan_to_source(plan, args.model, args.out, args.force, args.quiet, args.max_shard_bytes,

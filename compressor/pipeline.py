@@ -332,6 +332,8 @@ def tensorrt_profiles(settings) -> Profiles:
 def quantization_summary(spec: dict) -> str:
     summary = summary_of_quantization({"quantization": spec})
     widths = ", ".join(f"{n} x {b}-bit" for b, n in sorted(summary["units_per_width"].items(), key=lambda kv: int(kv[0])))
+    if summary.get("units_per_group_size"):
+        widths += " (" + ", ".join(f"{n} x {g}" for g, n in summary["units_per_group_size"].items()) + ")"
     return (f"plan: quantize ({summary['method']}, allocate by {summary['allocate']}): {widths}; "
             f"{summary['avg_bits']:.3f} bits per linear weight, embedding {summary['embedding_bits']}, "
             f"{len(summary['exact_weights'])} weights kept exact; "

@@ -106,6 +106,8 @@ class Removal(Strict):
 # 576-wide row) and ride in int8 containers in ONNX.
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 QuantBits = Literal[QUANT_BITS]
+QUANT_GROUP_SIZES = (32, 64, 128, "channel")
+GroupSize = Literal[QUANT_GROUP_SIZES]
 # Quantization methods; the last two quantize on calibration windows. `signround` is GPTQ refined by
 # learned rounding (compressor.transforms.signround); its sensitivity is measured with GPTQ.
 QUANT_METHODS = ("rtn", "gptq", "signround")
@@ -152,7 +154,11 @@ class SignRound(Strict):
 class Quantize(Strict):
     method: Literal[QUANT_METHODS] = "gptq"
     bits: list[QuantBits] = Field([2, 3, 4, 8], min_length=1, max_length=MAX_LIST)
-    group_size: Literal[32, 64, 128, "channel"] = 64
+    # One group size for every weight, or a list of them: then each unit's options are every width
+    # at every group size (their sensitivity measured), and the knapsack trades scale bytes against
+    # widths. The first listed is the primary: the fixed-width embedding's and the equalization
+    # search's, and the one whose sensitivity scores are keyed by width alone.
+    group_size: GroupSize | list[GroupSize] = 64
     symmetric: bool = True
     # Symmetric scales: `signed` lets a group's largest-magnitude weight land on the most negative
     # code whatever its sign (a negative scale when it is positive: every code in use); `positive`
@@ -184,11 +190,24 @@ class Quantize(Strict):
     sensitivity_samples: int = Field(8, ge=1, le=MAX_WINDOWS)
     sensitivity_seq_len: int = Field(256, ge=8, le=MAX_SEQ_LEN)
 
+    @property
+    def group_sizes(self) -> list:
+        """The group sizes the allocation may choose, the primary first."""
+        return list(self.group_size) if isinstance(self.group_size, list) else [self.group_size]
+
     @model_validator(mode="after")
     def distinct_bits(self):
         if len(set(self.bits)) != len(self.bits):
             raise ValueError(f"bits must not repeat a width, got {shorten(self.bits)}")
         self.bits = sorted(self.bits)
+        if isinstance(self.group_size, list):
+            if not self.group_size or len(set(self.group_size)) != len(self.group_size):
+                raise ValueError(f"group_size must list distinct group sizes, got {shorten(self.group_size)}")
+            if len(self.group_size) == 1:
+                self.group_size = self.group_size[0]
+        if isinstance(self.group_size, list) and self.allocate != "sensitivity":
+            raise ValueError(f"a list of group sizes is chosen per unit by measured sensitivity; it needs "
+                             f"allocate: sensitivity, got allocate: {self.allocate}")
         if self.embeddings == "auto" and self.allocate != "sensitivity":
             raise ValueError(f"embeddings: auto allocates the embedding by its measured sensitivity; it needs "
                              f"allocate: sensitivity, got allocate: {self.allocate}")

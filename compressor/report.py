@@ -51,10 +51,14 @@ def quantization_summary(plan: dict | None) -> dict | None:
     if not spec:
         return None
     widths: dict[str, int] = {}
+    groups: dict[str, int] = {}  # only where the plan chose group sizes per unit
     for unit in spec["units"]:
         widths[str(unit["bits"])] = widths.get(str(unit["bits"]), 0) + 1
+        if "group_size" in unit:
+            group = "channel" if unit["group_size"] is None else f"g{unit['group_size']}"
+            groups[group] = groups.get(group, 0) + 1
     return {"method": spec["method"], "allocate": spec["allocate"], "granularity": spec["granularity"],
-            "units_per_width": widths, "avg_bits": spec["budget"]["avg_bits"], "budget": spec["budget"]["requested"],
+            "units_per_width": widths, **({"units_per_group_size": groups} if groups else {}), "avg_bits": spec["budget"]["avg_bits"], "budget": spec["budget"]["requested"],
             "embedding_bits": spec["embedding"]["bits"], "predicted_tensor_bytes": spec["predicted_tensor_bytes"],
             "exact_weights": [{k: w[k] for k in ("module", "row", "column", "reason")} for w in spec["exact_weights"]],
             "pinned": [{"unit": u["key"], "reason": u["pinned"]} for u in spec["units"] if u.get("pinned")]}

@@ -265,6 +265,37 @@ def test_exact_weights_are_restored_by_a_sparse_correction(tmp_path):
     assert (got - expected).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (8, True), (4, False)])
+def test_one_scale_per_row_over_a_width_of_576_fuses_into_matmulnbits_with_the_same_values(tmp_path, bits, symmetric):
+    """Per-channel weights are written in blocks of 64 repeating each row's scale: ONNX Runtime fuses
+    a block of 576 (not a power of two) into nothing and would dequantize the matrix every step."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    from compressor.transforms.quantize import QuantFormat, rtn_quantize
+    from exporters.onnx.quantized_graph import rewrite_quantized
+
+    torch.manual_seed(0)
+    weight = torch.randn(40, 576)
+    quantized = rtn_quantize(weight, QuantFormat(bits, None, symmetric))
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 576])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 40])
+    graph = helper.make_graph([helper.make_node("Transpose", ["lin.weight"], ["w_t"], perm=[1, 0]),
+                               helper.make_node("MatMul", ["x", "w_t"], ["y"])], "g", [x], [y],
+                              [onnx.numpy_helper.from_array(weight.numpy(), "lin.weight")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    storage = rewrite_quantized(proto, {"lin": quantized})
+    assert "block 64" in storage["lin"]
+    options = session_options()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=[CPU])
+    assert [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node] == ["MatMulNBits"]
+    inputs = torch.randn(3, 576)
+    got = torch.from_numpy(session.run(None, {"x": inputs.numpy()})[0])
+    expected = inputs @ quantized.dequantize().T
+    assert (got - expected).abs().max() < 1e-3 * expected.abs().max()
+
+
 def test_a_shared_basis_is_one_initializer(artifacts):
     folder = artifacts("shared")
     config = compressor.load(folder).config

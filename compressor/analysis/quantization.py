@@ -1,8 +1,9 @@
 """What the planner needs to allocate bit widths: the inventory of quantizable tensors, and the
 measured sensitivity of each allocation unit to quantization.
 
-Sensitivity of a unit at a width: the KL divergence KL(original || quantized) of the final
-next-token distributions, with only that unit quantized (by the recipe's own method: GPTQ with
+Sensitivity of a unit at a width (and at each group size, where the recipe lists several): the KL
+divergence KL(original || quantized) of the final next-token distributions, with only that unit
+quantized (by the recipe's own method: GPTQ with
 Hessians from the unquantized model, or round-to-nearest) and every other weight exact. Layers
 are visited one at a time; a unit in layer l reruns only layers l..L-1 from cached inputs.
 Sensitivity is measured with min-max group ranges and, for `method: signround`, with GPTQ: it
@@ -31,9 +32,30 @@ from compressor.transforms.quantize_model import (
 EMBEDDING_KEY = "embedding"  # the embedding's entry among the sensitivity scores
 
 
+def quantization_options(quantize) -> list[tuple[int, int | str]]:
+    """(bits, group size) of every option a unit may take: each width at each of the recipe's group
+    sizes, by width, then by group size as listed."""
+    return [(bits, group) for bits in quantize.bits for group in quantize.group_sizes]
+
+
+def option_label(bits: int, group_size: int | str, primary: int | str) -> str:
+    """Key of an option's sensitivity score: the width alone at the primary group size (so an
+    analysis of one group size reads as before), else width/group, e.g. "5/channel", "4/g32"."""
+    if group_size == primary:
+        return str(bits)
+    return f"{bits}/{group_size if group_size == 'channel' else f'g{group_size}'}"
+
+
+def measured_group_sizes(measured: dict) -> list:
+    """The group sizes a recorded sensitivity covers (the primary first)."""
+    return list(measured.get("group_sizes") or [measured.get("group_size")])
+
+
 def sensitivity_key(quantize) -> dict:
-    """What a recorded sensitivity measurement must match to be reused by a plan."""
-    key = {"method": sensitivity_method(quantize.method), "group_size": quantize.group_size, "symmetric": quantize.symmetric,
+    """What a recorded sensitivity measurement must match to be reused by a plan (the primary group
+    size; the further ones and the widths need only be among those measured)."""
+    key = {"method": sensitivity_method(quantize.method), "group_size": quantize.group_sizes[0],
+           "symmetric": quantize.symmetric,
            "granularity": quantize.granularity, "samples": quantize.sensitivity_samples,
            "seq_len": quantize.sensitivity_seq_len, "damp": quantize.damp, "act_order": quantize.act_order,
            "hessian_tokens": quantize.hessian_tokens}
@@ -68,6 +90,7 @@ def quantization_sensitivity(model, quantize, calibration: torch.Tensor, batch_s
     inventory = quantization_inventory(model)
     units = allocation_units(inventory["linears"], quantize.granularity)
     method = sensitivity_method(quantize.method)
+    options, primary = quantization_options(quantize), quantize.group_sizes[0]
     hidden = embedded_inputs(model, calibration, batch_size) if method == "gptq" else None
     layers = range(len(model.model.layers))
     for layer in progress(layers, "quantization sensitivity", quiet):
@@ -81,27 +104,31 @@ def quantization_sensitivity(model, quantize, calibration: torch.Tensor, batch_s
                 originals = {name: module.weight for name, module in layer_linears(model, layer)}
                 for unit in layer_units:
                     scores[unit["key"]] = {}
-                    for bits in quantize.bits:
-                        formats = {name: recipe_format(quantize, bits) for name in unit["linears"]}
+                    for bits, group in options:
+                        fmt = recipe_format(quantize, bits, group)
+                        formats = {name: fmt for name in unit["linears"]}
                         quantize_layer_linears(model, layer, formats, method, hessians, {}, quantize.damp,
                                                quantize.act_order)
-                        scores[unit["key"]][str(bits)] = scorer.divergence(start_layer=layer)
+                        scores[unit["key"]][option_label(bits, group, primary)] = scorer.divergence(start_layer=layer)
                         _restore(model, layer, originals)
             if hidden is not None:
                 hidden = run_block(model, block, hidden)
-    return dict(sensitivity_key(quantize), bits=list(quantize.bits), measure="kl", scores=scores)
+    record = dict(sensitivity_key(quantize), bits=list(quantize.bits), measure="kl", scores=scores)
+    if len(quantize.group_sizes) > 1:
+        record["group_sizes"] = quantize.group_sizes
+    return record
 
 
 def embedding_sensitivity(model, quantize, scorer: Scorer) -> dict[str, float]:
-    """KL divergence with only the embedding quantized, per width of the recipe (a tied head has no
+    """KL divergence with only the embedding quantized, per option of the recipe (a tied head has no
     weight of its own: the logits read the same quantized table)."""
     embedding = model.model.embed_tokens
     original = embedding.weight
     costs = {}
     try:
-        for bits in quantize.bits:
-            quantize_embedding(model, recipe_format(quantize, bits))
-            costs[str(bits)] = scorer.divergence(start_layer=0)
+        for bits, group in quantization_options(quantize):
+            quantize_embedding(model, recipe_format(quantize, bits, group))
+            costs[option_label(bits, group, quantize.group_sizes[0])] = scorer.divergence(start_layer=0)
             embedding.weight = original
     finally:
         embedding.weight = original

@@ -14,7 +14,8 @@ import math
 
 import torch
 
-from compressor.analysis.quantization import (EMBEDDING_KEY, quantization_inventory, quantization_sensitivity,
+from compressor.analysis.quantization import (EMBEDDING_KEY, measured_group_sizes, option_label,
+                                              quantization_inventory, quantization_options, quantization_sensitivity,
                                               sensitivity_key)
 from compressor.bit_allocation import allocation_units, option_costs, solve_knapsack, unit_bytes
 from compressor.errors import CompressorError, MissingRecord, shorten
@@ -63,16 +64,16 @@ def protected_outliers(quantize: Quantize, analysis: dict, linear_names: set[str
 
 
 def check_group_size(quantize: Quantize, inventory: dict) -> None:
-    if quantize.group_size == "channel":
-        return
+    """Every listed group size divides the input width of every tensor it may quantize."""
     widths = {shape[1] for shape in (lin["shape"] for lin in inventory["linears"])}
     if quantize.embeddings != "keep":
         widths.add(inventory["embedding_shape"][1])
-    bad = sorted(w for w in widths if w % quantize.group_size)
-    if bad:
-        allowed = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths)] + ["channel"]
-        raise CompressorError(f"quantize.group_size: {quantize.group_size} does not divide the input width "
-                              f"{bad[0]} of this model's quantized tensors; allowed here: {allowed}")
+    for group in quantize.group_sizes:
+        bad = [] if group == "channel" else sorted(w for w in widths if w % group)
+        if bad:
+            allowed = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths)] + ["channel"]
+            raise CompressorError(f"quantize.group_size: {group} does not divide the input width "
+                                  f"{bad[0]} of this model's quantized tensors; allowed here: {allowed}")
 
 
 def check_measured_after_removal(inventory: dict, decisions: list[dict], where: str = "analysis") -> None:
@@ -93,20 +94,20 @@ def check_measured_after_removal(inventory: dict, decisions: list[dict], where: 
                                       f"unit, which this plan keeps; {again}")
 
 
-def check_costs_recorded(quantize: Quantize, analysis: dict, units: list[dict], widths: list[int],
+def check_costs_recorded(quantize: Quantize, analysis: dict, units: list[dict], labels: list[str],
                          sensitivity: dict | None) -> None:
-    """What option_costs reads for the recipe's `allocate`: a finite cost per unit and width."""
+    """What option_costs reads for the recipe's `allocate`: a finite cost per unit and option."""
     where = "analysis"
     layers = analysis["layers"]
     if quantize.allocate == "sensitivity":
         scores = need_object(where, "quantization.sensitivity.scores", sensitivity, "an object of costs per unit")
         for unit in units:
             row = scores.get(unit["key"])
-            if not isinstance(row, dict) or not all(isinstance(row.get(str(b)), (int, float)) and
-                                                    not isinstance(row.get(str(b)), bool) and
-                                                    math.isfinite(row.get(str(b))) for b in widths):
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), (int, float)) and
+                                                    not isinstance(row.get(k), bool) and
+                                                    math.isfinite(row.get(k)) for k in labels):
                 raise bad_value(where, f"quantization.sensitivity.scores[{unit['key']!r}]", row,
-                                f"an object with a finite cost for each width {widths}")
+                                f"an object with a finite cost for each of {labels}")
     elif quantize.allocate in ("lim", "zd"):
         for unit in units:
             entry = layers[unit["layer"]]
@@ -132,35 +133,44 @@ def record_format(record: dict) -> QuantFormat:
 
 
 def plan_quantization(quantize: Quantize, analysis: dict) -> dict:
-    """Bit width of every decoder linear: the exact knapsack optimum under the budget."""
+    """Bit width (and group size) of every decoder linear: the exact knapsack optimum under the budget."""
     inventory = analysis[RECORD]
     widths = list(quantize.bits)
     check_group_size(quantize, inventory)
+    primary = quantize.group_sizes[0]
+    several = len(quantize.group_sizes) > 1
+    # A unit's options: each width at each group size (one group size: one option per width).
+    options = quantization_options(quantize)
+    labels = [option_label(b, g, primary) for b, g in options]
+    formats = [recipe_format(quantize, b, g) for b, g in options]
     units = allocation_units(inventory["linears"], quantize.granularity)
     exact, pinned = protected_outliers(quantize, analysis, {lin["name"] for lin in inventory["linears"]})
     sensitivity = None
     if quantize.allocate == "sensitivity":
         measured = inventory.get("sensitivity") or {}
         wanted = sensitivity_key(quantize)
-        if {k: measured.get(k) for k in wanted} != wanted or not set(widths) <= set(measured.get("bits", [])):
+        if ({k: measured.get(k) for k in wanted} != wanted or not set(widths) <= set(measured.get("bits", []))
+                or not set(quantize.group_sizes) <= set(measured_group_sizes(measured))):
             raise MissingRecord("quantization", f"the quantization sensitivity for this recipe's method, group "
-                                                f"size and widths {widths}")
+                                                f"sizes {quantize.group_sizes} and widths {widths}")
         sensitivity = measured["scores"]
-        if quantize.embeddings == "auto" and not set(map(str, widths)) <= set(sensitivity.get(EMBEDDING_KEY) or {}):
-            raise MissingRecord("quantization", f"the embedding's quantization sensitivity at widths {widths} "
+        if quantize.embeddings == "auto" and not set(labels) <= set(sensitivity.get(EMBEDDING_KEY) or {}):
+            raise MissingRecord("quantization", f"the embedding's quantization sensitivity at {labels} "
                                                 "(embeddings: auto)")
-    check_costs_recorded(quantize, analysis, units, widths, sensitivity)
-    costs = option_costs(units, widths, quantize.allocate, analysis["layers"], sensitivity)
-    items = []
+    check_costs_recorded(quantize, analysis, units, labels, sensitivity)
+    costs = option_costs(units, options, labels, quantize.allocate, analysis["layers"], sensitivity)
+    top = [i for i, (b, _) in enumerate(options) if b == widths[-1]]  # a pinned unit's options
+    items, offered = [], []
     for unit, unit_costs in zip(units, costs):
-        options = [(unit_bytes(unit, recipe_format(quantize, b)), c) for b, c in zip(widths, unit_costs)]
-        items.append(options[-1:] if unit["layer"] in pinned else options)
+        allowed = top if unit["layer"] in pinned else range(len(options))
+        offered.append(list(allowed))
+        items.append([(unit_bytes(unit, formats[i]), unit_costs[i]) for i in allowed])
     vocab, hidden = inventory["embedding_shape"]
     weights = sum(u["weights"] for u in units)
     allocated = quantize.embeddings == "auto"
-    if allocated:  # one more knapsack item: the embedding at each width, costed by its sensitivity
-        embedding_costs = [max(0.0, float(sensitivity[EMBEDDING_KEY][str(b)])) for b in widths]
-        items.append([(stored_bytes(vocab, hidden, recipe_format(quantize, b)), c) for b, c in zip(widths, embedding_costs)])
+    if allocated:  # one more knapsack item: the embedding at each option, costed by its sensitivity
+        embedding_costs = [max(0.0, float(sensitivity[EMBEDDING_KEY][k])) for k in labels]
+        items.append([(stored_bytes(vocab, hidden, f), c) for f, c in zip(formats, embedding_costs)])
         weights += vocab * hidden
         embedding = {"bytes": 0}
     elif quantize.embeddings == "keep":
@@ -187,25 +197,27 @@ def plan_quantization(quantize: Quantize, analysis: dict) -> dict:
             f"and the pinned layers")
     choices, used, total_cost = solution
     if allocated:
-        bits = widths[choices[-1]]
-        embedding = dict(format_record(recipe_format(quantize, bits)), bytes=items[-1][choices[-1]][0], allocated=True,
-                         costs={str(b): c for b, c in zip(widths, embedding_costs)})
+        chosen = choices[-1]
+        embedding = dict(format_record(formats[chosen]), bytes=items[-1][chosen][0], allocated=True,
+                         costs=dict(zip(labels, embedding_costs)))
         choices, items = choices[:-1], items[:-1]
     unit_records, linears = [], {}
-    for unit, options, unit_costs, choice in zip(units, items, costs, choices):
-        bits = widths[-1] if unit["layer"] in pinned else widths[choice]
-        fmt = recipe_format(quantize, bits)
-        unit_records.append({"key": unit["key"], "layer": unit["layer"], "unit": unit["unit"], "bits": bits,
-                             "bytes": options[choice][0], "weights": unit["weights"],
-                             "pinned": pinned.get(unit["layer"]),
-                             "costs": {str(b): c for b, c in zip(widths, unit_costs)}})
+    for unit, unit_items, allowed, unit_costs, choice in zip(units, items, offered, costs, choices):
+        option = allowed[choice]
+        bits, group = options[option]
+        record = {"key": unit["key"], "layer": unit["layer"], "unit": unit["unit"], "bits": bits,
+                  **({"group_size": formats[option].group_size} if several else {}),
+                  "bytes": unit_items[choice][0], "weights": unit["weights"], "pinned": pinned.get(unit["layer"]),
+                  "costs": dict(zip(labels, unit_costs))}
+        unit_records.append(record)
         for name in unit["linears"]:
-            linears[name] = format_record(fmt)
+            linears[name] = format_record(formats[option])
     return {
         "method": quantize.method, "damp": quantize.damp, "act_order": quantize.act_order,
         "hessian_tokens": quantize.hessian_tokens, "clip": quantize.clip,
         **({"signround": quantize.signround.model_dump()} if quantize.method == "signround" else {}),
         "allocate": quantize.allocate, "granularity": quantize.granularity, "widths": widths,
+        **({"group_sizes": quantize.group_sizes} if several else {}),
         "budget": {"requested": quantize.budget.model_dump(exclude_none=True), "capacity_bytes": capacity,
                    "used_bytes": used, "avg_bits": 8 * used / weights, "summed_cost": total_cost},
         "predicted_tensor_bytes": fixed + used,

@@ -131,8 +131,8 @@ def plan_sharing(share, record: dict, quantize: Quantize | None = None) -> dict:
     """Which groups of the sharing record share a basis and at which rank, for the recipe's
     parameter reduction."""
     multiple = share.rank_multiple
-    if quantize is not None and quantize.group_size != "channel":
-        multiple = math.lcm(multiple, quantize.group_size)  # coefficient inputs are rank wide
+    if quantize is not None:  # coefficient inputs are rank wide: every group size must divide a rank
+        multiple = math.lcm(multiple, *(g for g in quantize.group_sizes if g != "channel"))
     fallback = share.per_layer_fallback and share.allocate == "error"
     items = [_rank_options(g, record["projections"][g["projection"]]["shape"], share.residual_rank, multiple, fallback)
              for g in record["groups"]]

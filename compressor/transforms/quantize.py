@@ -49,9 +49,11 @@ class QuantFormat:
         return f"int{self.bits}-{group}-{'sym' if self.symmetric else 'asym'}{'-pos' if self.positive_scales else ''}"
 
 
-def recipe_format(quantize, bits: int) -> QuantFormat:
-    """The format of `bits` under a recipe's quantize section (group_size "channel": one scale per row)."""
-    return QuantFormat(bits, None if quantize.group_size == "channel" else quantize.group_size, quantize.symmetric,
+def recipe_format(quantize, bits: int, group_size=None) -> QuantFormat:
+    """The format of `bits` under a recipe's quantize section, in `group_size` (one of its group
+    sizes; default the primary, the first listed; "channel": one scale per row)."""
+    group = quantize.group_sizes[0] if group_size is None else group_size
+    return QuantFormat(bits, None if group == "channel" else group, quantize.symmetric,
                        quantize.symmetric and quantize.scales == "positive")
 
 

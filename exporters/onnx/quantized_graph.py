@@ -8,7 +8,8 @@ The exported graph first holds every weight as a float initializer named as in t
   since ONNX Runtime's Gather has no int4), `NAME.weight_scale` (float32 [out, groups]; the float16
   scale widened exactly) and `NAME.weight_zero_point` when asymmetric, read by
   `Transpose -> DequantizeLinear(axis 0, block_size = group size) -> MatMul`, which ONNX Runtime
-  fuses into `MatMulNBits`. 3-bit codes ride in int4 containers.
+  fuses into `MatMulNBits`. 3-bit codes ride in int4 containers. One scale per row is written in
+  power-of-two blocks repeating it (`onnx_blocks`), so that the fusion applies.
 - 2-bit codes with a power-of-two group of at least 16: `MatMulNBits(bits=2)` (ONNX Runtime's
   contrib domain), codes offset to unsigned and packed four to a byte. Other 2-bit formats ride in
   int4 containers like 3-bit.
@@ -29,6 +30,7 @@ from compressor.errors import CompressorError
 from compressor.transforms.quantize import QuantizedWeight
 
 CONTRIB_DOMAIN = "com.microsoft"
+CHANNEL_BLOCK = 128  # the block a per-channel weight is written in, where its width allows
 
 
 def _matmul_nbits_ok(weight: QuantizedWeight) -> bool:
@@ -112,6 +114,24 @@ def rewrite_quantized(model: onnx.ModelProto, quantized: dict[str, QuantizedWeig
     return storage
 
 
+def onnx_blocks(weight: QuantizedWeight) -> tuple[int, np.ndarray, torch.Tensor | None]:
+    """(block size, float32 scales [out, blocks], zero points [out, blocks] or None) of a weight's
+    DequantizeLinear. One scale per row over a width that is not a power of two (576, 1536) is
+    written as power-of-two blocks that repeat the row's scale, the same dequantized values: ONNX
+    Runtime fuses DequantizeLinear -> MatMul into MatMulNBits only for power-of-two blocks (of 16 to
+    a few hundred; 128 at most here), and would otherwise dequantize the whole matrix every step."""
+    scale, zero = weight.scale.float(), weight.zero_point
+    in_features = weight.codes.shape[1]
+    if weight.fmt.group_size is not None:
+        return weight.fmt.group_size, scale.numpy(), zero
+    block = min(in_features & -in_features, CHANNEL_BLOCK)  # the largest power of two dividing the width
+    if block < 16 or block == in_features:
+        return in_features, scale.numpy(), zero
+    repeat = in_features // block
+    return block, scale.repeat_interleave(repeat, dim=1).numpy(), \
+        None if zero is None else zero.repeat_interleave(repeat, dim=1)
+
+
 def _rewrite_weight(rw: _Rewriter, name: str, weight: QuantizedWeight) -> str:
     tensor = f"{name}.weight"
     users = rw.consumers(tensor)
@@ -135,9 +155,8 @@ def _rewrite_weight(rw: _Rewriter, name: str, weight: QuantizedWeight) -> str:
         matmuls += readers
         rw.replaced[i] = []  # the Transpose of the float weight goes away
     fmt = weight.fmt
-    out_features, in_features = weight.codes.shape
-    group = fmt.group_size or in_features
-    scale = numpy_helper.from_array(weight.scale.float().numpy(), f"{name}.weight_scale")
+    group, scale_values, zero_values = onnx_blocks(weight)
+    scale = numpy_helper.from_array(scale_values, f"{name}.weight_scale")
     if _matmul_nbits_ok(weight) and not gathers:
         _matmul_nbits(rw, name, weight, matmuls)
         kind = f"MatMulNBits bits=2 block {group}"
@@ -145,8 +164,8 @@ def _rewrite_weight(rw: _Rewriter, name: str, weight: QuantizedWeight) -> str:
         container = 8 if fmt.bits > 4 or gathers else 4
         rw.new_initializers += [_int_tensor(f"{name}.weight_codes", weight.codes, container), scale]
         dq_inputs = [f"{name}.weight_codes", f"{name}.weight_scale"]
-        if weight.zero_point is not None:
-            rw.new_initializers.append(_int_tensor(f"{name}.weight_zero_point", weight.zero_point, container))
+        if zero_values is not None:
+            rw.new_initializers.append(_int_tensor(f"{name}.weight_zero_point", zero_values, container))
             dq_inputs.append(f"{name}.weight_zero_point")
         for j in matmuls:
             transposed = []
