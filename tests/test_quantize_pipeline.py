@@ -278,6 +278,23 @@ def test_compress_refuses_an_infeasible_budget_and_writes_nothing(tiny_model_fol
     assert not [p.name for p in tmp_path.iterdir()]
 
 
+def test_an_unreachable_budget_is_refused_before_the_sensitivity_is_measured(tiny_model_folder, tmp_path,
+                                                                               monkeypatch):
+    import compressor.stages.quantization as stage
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the sensitivity was measured for a budget no plan can meet")
+
+    monkeypatch.setattr(stage, "quantization_sensitivity", measured)
+    recipe = {"name": "impossible", "calibration": CALIBRATION, "evaluate": EVALUATE,
+              "quantize": dict(PLAN_QUANTIZE, bits=[2, 4], allocate="sensitivity", embeddings="auto",
+                               budget={"bytes": 1000})}
+    with pytest.raises(CompressorError, match=r"quantize\.budget\.bytes: 1000 is below the smallest feasible \d+ bytes"):
+        compress(parse_recipe(recipe), str(tiny_model_folder["llama"]), tmp_path / "out", quiet=True,
+                 log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("allocate", ("uniform", "lim", "zd"))
 @pytest.mark.parametrize("granularity", ("layer", "unit"))
 def test_allocate_variants_plan_within_budget(tiny_analysis, allocate, granularity):

@@ -30,6 +30,8 @@ SECTION, PART, RECORD = "quantize", "quantization", "quantization"
 
 def measure(model, recipe: Recipe, analysis: dict, run: Run) -> dict:
     record = quantization_inventory(model)
+    check_group_size(recipe.quantize, record)
+    check_budget_reachable(recipe.quantize, record)  # before the sensitivity's minutes, not after
     if recipe.quantize.allocate == "sensitivity":
         windows = run.calibration(recipe.calibration.model_dump()).input_ids
         record["sensitivity"] = quantization_sensitivity(model, recipe.quantize, windows, run.batch_size, run.quiet)
@@ -74,6 +76,54 @@ def check_group_size(quantize: Quantize, inventory: dict) -> None:
             allowed = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths)] + ["channel"]
             raise CompressorError(f"quantize.group_size: {group} does not divide the input width "
                                   f"{bad[0]} of this model's quantized tensors; allowed here: {allowed}")
+
+
+def embedding_frame(quantize: Quantize, inventory: dict) -> tuple[dict, int]:
+    """(the embedding's record, its weights counted in an avg_bits budget) when its width is fixed or
+    kept; an allocated embedding's record is {"bytes": 0} (its bytes are one knapsack item)."""
+    vocab, hidden = inventory["embedding_shape"]
+    if quantize.embeddings == "auto":
+        return {"bytes": 0}, vocab * hidden
+    if quantize.embeddings == "keep":
+        return {"bits": "keep", "bytes": vocab * hidden * inventory.get("embedding_element_bytes", 4)}, 0
+    fmt = recipe_format(quantize, quantize.embeddings)
+    return dict(format_record(fmt), bytes=stored_bytes(vocab, hidden, fmt)), 0
+
+
+def unreachable_budget(quantize: Quantize, smallest: int, fixed: int, weights: int) -> CompressorError:
+    """The error for a budget below the smallest choice (`smallest` knapsack bytes beside `fixed`)."""
+    if quantize.budget.avg_bits is not None:
+        return CompressorError(
+            f"quantize.budget.avg_bits: {quantize.budget.avg_bits} is below the smallest feasible "
+            f"{math.ceil(8000 * smallest / weights) / 1000:.3f} bits per weight for widths {quantize.bits} with group "
+            f"size {quantize.group_size} (scales included) and the pinned layers")
+    return CompressorError(
+        f"quantize.budget.bytes: {quantize.budget.bytes} is below the smallest feasible {smallest + fixed} bytes "
+        f"for widths {quantize.bits} with group size {quantize.group_size}, embedding {quantize.embeddings} "
+        f"and the pinned layers")
+
+
+def budget_capacity(quantize: Quantize, fixed: int, weights: int) -> int:
+    """Bytes the knapsack may fill: avg_bits over the allocated weights, or the byte budget less the
+    tensors outside it."""
+    if quantize.budget.avg_bits is not None:
+        return math.floor(quantize.budget.avg_bits * weights / 8)
+    return quantize.budget.bytes - fixed
+
+
+def check_budget_reachable(quantize: Quantize, inventory: dict) -> None:
+    """Refuses a budget that even the narrowest option of every unit exceeds (pinned layers and exact
+    weights aside, which only the plan knows)."""
+    formats = [recipe_format(quantize, b, g) for b, g in quantization_options(quantize)]
+    units = allocation_units(inventory["linears"], quantize.granularity)
+    smallest = sum(min(unit_bytes(u, f) for f in formats) for u in units)
+    embedding, embedding_weights = embedding_frame(quantize, inventory)
+    if quantize.embeddings == "auto":
+        smallest += min(stored_bytes(*inventory["embedding_shape"], f) for f in formats)
+    fixed = inventory["other_tensor_bytes"] + embedding["bytes"]
+    weights = sum(u["weights"] for u in units) + embedding_weights
+    if smallest > budget_capacity(quantize, fixed, weights):
+        raise unreachable_budget(quantize, smallest, fixed, weights)
 
 
 def check_measured_after_removal(inventory: dict, decisions: list[dict], where: str = "analysis") -> None:
@@ -166,35 +216,17 @@ def plan_quantization(quantize: Quantize, analysis: dict) -> dict:
         offered.append(list(allowed))
         items.append([(unit_bytes(unit, formats[i]), unit_costs[i]) for i in allowed])
     vocab, hidden = inventory["embedding_shape"]
-    weights = sum(u["weights"] for u in units)
+    embedding, embedding_weights = embedding_frame(quantize, inventory)
+    weights = sum(u["weights"] for u in units) + embedding_weights
     allocated = quantize.embeddings == "auto"
     if allocated:  # one more knapsack item: the embedding at each option, costed by its sensitivity
         embedding_costs = [max(0.0, float(sensitivity[EMBEDDING_KEY][k])) for k in labels]
         items.append([(stored_bytes(vocab, hidden, f), c) for f, c in zip(formats, embedding_costs)])
-        weights += vocab * hidden
-        embedding = {"bytes": 0}
-    elif quantize.embeddings == "keep":
-        embedding = {"bits": "keep", "bytes": vocab * hidden * inventory.get("embedding_element_bytes", 4)}
-    else:
-        fmt = recipe_format(quantize, quantize.embeddings)
-        embedding = dict(format_record(fmt), bytes=stored_bytes(vocab, hidden, fmt))
     fixed = inventory["other_tensor_bytes"] + embedding["bytes"] + exact_bytes(len(exact))
-    if quantize.budget.avg_bits is not None:
-        capacity = math.floor(quantize.budget.avg_bits * weights / 8)
-    else:
-        capacity = quantize.budget.bytes - fixed
+    capacity = budget_capacity(quantize, fixed, weights)
     solution = solve_knapsack(items, capacity)
     if solution is None:
-        smallest = sum(min(size for size, _ in options) for options in items)
-        if quantize.budget.avg_bits is not None:
-            raise CompressorError(
-                f"quantize.budget.avg_bits: {quantize.budget.avg_bits} is below the smallest feasible "
-                f"{math.ceil(8000 * smallest / weights) / 1000:.3f} bits per weight for widths {widths} with group size "
-                f"{quantize.group_size} (scales included) and the pinned layers")
-        raise CompressorError(
-            f"quantize.budget.bytes: {quantize.budget.bytes} is below the smallest feasible {smallest + fixed} bytes "
-            f"for widths {widths} with group size {quantize.group_size}, embedding {quantize.embeddings} "
-            f"and the pinned layers")
+        raise unreachable_budget(quantize, sum(min(size for size, _ in options) for options in items), fixed, weights)
     choices, used, total_cost = solution
     if allocated:
         chosen = choices[-1]
