@@ -3,9 +3,9 @@ measured sensitivity of each allocation unit to quantization.
 
 Sensitivity of a unit at a width (and at each group size, where the recipe lists several): the KL
 divergence KL(original || quantized) of the final next-token distributions, with only that unit
-quantized (by the recipe's own method: GPTQ with
-Hessians from the unquantized model, or round-to-nearest) and every other weight exact. Layers
-are visited one at a time; a unit in layer l reruns only layers l..L-1 from cached inputs.
+quantized (by the recipe's own method: GPTQ with Hessians from the unquantized model, or
+round-to-nearest) and every other weight exact. Layers are visited one at a time; a unit in layer
+l reruns only layers l..L-1 from cached inputs.
 Sensitivity is measured with min-max group ranges and, for `method: signround`, with GPTQ: it
 ranks widths; `clip: search` and the refinement only change how the chosen widths are rounded, so a
 plan of either reuses an analysis measured without them.
