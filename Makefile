@@ -22,11 +22,13 @@ STAMP = $(VENV)/.installed
 # folder beside the environment, put first on PYTHONPATH, not into the environment itself.
 # transformers 5.0.0 refuses at import the huggingface_hub 2.x and tokenizers 0.23.x that a fresh
 # install resolves today, so the versions it declares go into the same folder, with the httpx that
-# huggingface_hub 1.x needs (2.x moved to httpx2). About 15 MB to download, 120 MB on disk.
+# huggingface_hub 1.x needs (2.x moved to httpx2), and the kernels release it declares: newer transformers
+# pull kernels 0.19+ into .venv, whose LayerRepository refuses 5.0.0's revision-less table at import.
+# About 15 MB to download, 120 MB on disk.
 OLDEST_TRANSFORMERS = 5.0.0
 OLDEST_DIR = .venv-oldest/transformers-$(OLDEST_TRANSFORMERS)
 OLDEST_SPECS = "transformers==$(OLDEST_TRANSFORMERS)" "huggingface_hub>=1.3.0,<2.0" "tokenizers>=0.22.0,<=0.23.0" \
-	"httpx>=0.23.0,<1" "httpcore>=1,<2"
+	"httpx>=0.23.0,<1" "httpcore>=1,<2" "kernels>=0.10.2,<0.11"
 
 setup: $(STAMP)
 
