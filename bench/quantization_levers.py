@@ -17,7 +17,8 @@ every allocation unit at its widths, and of the embedding), quantizes a fresh co
   widths (this model's 576-wide rows take no group of 128).
 It writes bench/results/quantization_levers.{json,md}.
 
-    python -m bench.quantization_levers            # the full run (about 90 minutes on 2 cores)
+    python -m bench.quantization_levers            # the full run (about two hours on 2 cores)
+    python -m bench.quantization_levers --analyses out/levers-analyses   # keeps (and reuses) the analyses
     python -m bench.quantization_levers --quick    # tiny settings, to check the script itself
 """
 
@@ -53,7 +54,7 @@ WIDE = [4, 5, 6, 8]
 UNIT = {"granularity": "unit"}
 SIGNROUND = {"steps": 25, "windows": 1}
 # (row label, analysis, quantize settings, what the row changes in the plan after planning, budgets).
-# Each row adds one lever to the row before it (the last to the `embeddings: auto` row: BASE), except
+# Each row adds one lever to the row before it (`clip` to the `embeddings: auto` row: BASE), except
 # the third, which adds two (equalization and
 # unit granularity: an analysis for each alone costs another 10-15 minutes; equalization alone was
 # -1.15 at 90 MB in the previous run of this bench, with quantize-only's earlier settings). `clip` and
@@ -68,16 +69,16 @@ VARIANTS = (
      {}, BUDGETS_MB),
     ("+ 5- and 6-bit widths", "unit", dict(UNIT, bits=WIDE, embeddings=8), {}, BUDGETS_MB),
     ("+ embeddings: auto", "unit", dict(UNIT, bits=WIDE, embeddings="auto"), {}, BUDGETS_MB),
-    ("+ clip: search (same widths)", "unit", dict(UNIT, bits=WIDE, embeddings="auto"), {"clip": "search"},
-     BUDGETS_MB),
+    ("+ group size per unit: 64 or per channel", "unit",
+     dict(UNIT, bits=WIDE, embeddings="auto", group_size=GROUPS), {}, BUDGETS_MB),
+    ("+ clip: search (same widths as embeddings: auto)", "unit", dict(UNIT, bits=WIDE, embeddings="auto"),
+     {"clip": "search"}, BUDGETS_MB),
     (f"+ method: signround ({SIGNROUND['steps']} steps a layer, same widths)", "unit",
      dict(UNIT, bits=WIDE, embeddings="auto"),
      {"clip": "search", "method": "signround", "signround": dict(SIGNROUND, learning_rate=None)}, (90.0,)),
-    ("+ group size per unit: 64 or per channel (instead of clip: search)", "unit",
-     dict(UNIT, bits=WIDE, embeddings="auto", group_size=GROUPS), {}, BUDGETS_MB),
 )
 # The row a variant adds its lever to, where it is not the row above it at its budget.
-BASE = {VARIANTS[-1][0]: VARIANTS[4][0]}
+BASE = {VARIANTS[6][0]: VARIANTS[4][0]}
 
 
 def quantize_settings(calibration_quick: bool, **overrides) -> dict:
@@ -98,14 +99,15 @@ def group_counts(units: list[dict]) -> dict[str, int]:
     return counts
 
 
-def markdown(rows: list[dict], original: dict, meta: dict) -> str:
+def markdown(rows: list[dict], original: dict, meta: dict, complete: bool = True) -> str:
     minutes = ", ".join(f"{key} {seconds / 60:.1f}" for key, seconds in meta["analysis_seconds"].items()) or "read"
     lines = ["# Quantization levers at equal bytes", "",
+             *([] if complete else ["**Partial: the run stopped (or is still running) before its last row.**", ""]),
              f"Embedded model (SmolLM2-135M-Instruct), WikiText-2 test, first {meta['windows']} windows x "
              f"{meta['seq_len']} tokens (every next-token position); calibration {meta['calibration']} "
              f"(never WikiText). GPTQ, symmetric, groups of 64 (but the group-size row), allocated by measured "
              f"sensitivity under `budget.bytes` (the whole model.safetensors). Each row adds one lever to the row "
-             f"above it at its budget (the group-size row to the `embeddings: auto` row; `vs row above` compares "
+             f"above it at its budget (the `clip` row to the `embeddings: auto` row; `vs row above` compares "
              f"with that row). Machine: {meta['machine']['cpu']}, {meta['machine']['torch_threads']} threads. "
              f"Command: `{meta['command']}`.", "",
              f"Analyses (minutes on 2 cores, shared by the rows that plan on them): {minutes}. `unit` "
@@ -158,7 +160,7 @@ def main() -> None:
             data["equalize"] = {"samples": 2, "tokens": 256, "grid": 5} if args.quick else {}
         return parse_recipe(data)
 
-    variants = [VARIANTS[0], VARIANTS[2], VARIANTS[-2], VARIANTS[-1]] if args.quick else VARIANTS
+    variants = [VARIANTS[0], VARIANTS[2], VARIANTS[5], VARIANTS[-1]] if args.quick else VARIANTS
     wanted = {key for _, key, _, _, _ in variants}
     analyses, analysis_seconds = {}, {}
     for key, (equalized, granularity, bits, groups) in ANALYSES.items():
@@ -177,31 +179,37 @@ def main() -> None:
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(analyses[key]))
-    rows = []
-    for budget_mb in BUDGETS_MB[:1] if args.quick else BUDGETS_MB:
-        for name, key, settings, plan_edit, budgets in variants:
-            if budget_mb not in budgets:
-                continue
-            equalized = ANALYSES[key][0]
-            plan_recipe = recipe(int(budget_mb * 1e6) - HEADER_ROOM, equalized, **settings)
-            edit = dict(plan_edit, signround={"steps": 2, "windows": 1, "learning_rate": None}) \
-                if args.quick and "signround" in plan_edit else plan_edit
-            row = measured_row(name, "lever", source, plan_recipe, analyses[key], windows, time.perf_counter(),
-                               plan_edit=edit)
-            spec = make_plan(plan_recipe, analyses[key])["quantization"]
-            row.update(budget_mb=budget_mb, embedding_bits=spec["embedding"]["bits"], settings=settings,
-                       plan_edit=plan_edit, analysis=key, adds_to=BASE.get(name),
-                       embedding_group=spec["embedding"].get("group_size"),
-                       group_sizes=group_counts(spec["units"]))
-            rows.append(row)
-            print(f"{budget_mb} MB | {name}: {row['bytes'] / 1e6:.2f} MB, perplexity {row['perplexity']:.2f} "
-                  f"(embedding {row['embedding_bits']}-bit, {row['widths']}, {row['seconds']:.0f} s)", flush=True)
     meta = {"command": command_line(), "machine": machine(), "windows": n_windows, "seq_len": seq_len,
             "calibration": f"{calibration['samples']} x {calibration['seq_len']} tokens of the embedded text",
             "analysis_seconds": analysis_seconds, "analyses": {k: ANALYSES[k] for k in analyses},
             "original": original}
-    name = "quantization_levers" + ("-quick" if args.quick else "")
-    write_results(name, dict(meta, rows=rows), markdown(rows, original, meta))
+    results_name = "quantization_levers" + ("-quick" if args.quick else "")
+    # Every row of every budget, the learned-rounding rows (the slowest, by far) last, so that a run
+    # stopped part-way has the others; the tables list them by budget, then lever.
+    jobs = [(b, variant) for b in (BUDGETS_MB[:1] if args.quick else BUDGETS_MB) for variant in variants
+            if b in variant[4]]
+    jobs.sort(key=lambda job: "signround" in job[1][3])
+    rows = []
+    for budget_mb, (name, key, settings, plan_edit, budgets) in jobs:
+        equalized = ANALYSES[key][0]
+        plan_recipe = recipe(int(budget_mb * 1e6) - HEADER_ROOM, equalized, **settings)
+        edit = dict(plan_edit, signround={"steps": 2, "windows": 1, "learning_rate": None}) \
+            if args.quick and "signround" in plan_edit else plan_edit
+        row = measured_row(name, "lever", source, plan_recipe, analyses[key], windows, time.perf_counter(),
+                           plan_edit=edit)
+        spec = make_plan(plan_recipe, analyses[key])["quantization"]
+        row.update(budget_mb=budget_mb, embedding_bits=spec["embedding"]["bits"], settings=settings,
+                   plan_edit=plan_edit, analysis=key, adds_to=BASE.get(name),
+                   embedding_group=spec["embedding"].get("group_size"),
+                   group_sizes=group_counts(spec["units"]))
+        rows.append(row)
+        print(f"{budget_mb} MB | {name}: {row['bytes'] / 1e6:.2f} MB, perplexity {row['perplexity']:.2f} "
+              f"(embedding {row['embedding_bits']}-bit, {row['widths']}, {row['seconds']:.0f} s)", flush=True)
+        # Written after every row: a run stopped part-way keeps the rows it measured (marked partial).
+        rows.sort(key=lambda r: (BUDGETS_MB.index(r["budget_mb"]), [v[0] for v in VARIANTS].index(r["name"])))
+        write_results(results_name, dict(meta, rows=rows, complete=False),
+                      markdown(rows, original, meta, complete=False))
+    write_results(results_name, dict(meta, rows=rows, complete=True), markdown(rows, original, meta))
     print(markdown(rows, original, meta))
 
 
