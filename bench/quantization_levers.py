@@ -17,7 +17,7 @@ every allocation unit at its widths, and of the embedding), quantizes a fresh co
   widths (this model's 576-wide rows take no group of 128).
 It writes bench/results/quantization_levers.{json,md}.
 
-    python -m bench.quantization_levers            # the full run (about two hours on 2 cores)
+    python -m bench.quantization_levers            # the full run (about 100 minutes on 2 cores)
     python -m bench.quantization_levers --analyses out/levers-analyses   # keeps (and reuses) the analyses
     python -m bench.quantization_levers --quick    # tiny settings, to check the script itself
 """
@@ -79,6 +79,8 @@ VARIANTS = (
 )
 # The row a variant adds its lever to, where it is not the row above it at its budget.
 BASE = {VARIANTS[6][0]: VARIANTS[4][0]}
+# Where a row stands in the tables: by budget, then lever.
+TABLE_ORDER = {variant[0]: i for i, variant in enumerate(VARIANTS)}
 
 
 def quantize_settings(calibration_quick: bool, **overrides) -> dict:
@@ -206,7 +208,7 @@ def main() -> None:
         print(f"{budget_mb} MB | {name}: {row['bytes'] / 1e6:.2f} MB, perplexity {row['perplexity']:.2f} "
               f"(embedding {row['embedding_bits']}-bit, {row['widths']}, {row['seconds']:.0f} s)", flush=True)
         # Written after every row: a run stopped part-way keeps the rows it measured (marked partial).
-        rows.sort(key=lambda r: (BUDGETS_MB.index(r["budget_mb"]), [v[0] for v in VARIANTS].index(r["name"])))
+        rows.sort(key=lambda r: (BUDGETS_MB.index(r["budget_mb"]), TABLE_ORDER[r["name"]]))
         write_results(results_name, dict(meta, rows=rows, complete=False),
                       markdown(rows, original, meta, complete=False))
     write_results(results_name, dict(meta, rows=rows, complete=True), markdown(rows, original, meta))
